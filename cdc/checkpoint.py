@@ -1,0 +1,93 @@
+"""Where each consumer stands, saved in the database, moving only forward.
+
+A position has two coordinates, because the two paths count differently:
+- `lsn`: the end of the last transaction handled from the stream (what the slot may be
+  acknowledged up to);
+- `seq` + `seqs_above`: every seq at or below `seq` is handled or proven never to commit, and
+  `seqs_above` lists handled ones beyond it. The stream hands events over in commit order, so a
+  few handled seqs sit above the contiguous mark; the poller hands over in seq order and keeps
+  `seqs_above` empty. Either path can take over from the other's position with nothing missed
+  and nothing twice.
+
+The exactly-once variant: `save(..., conn=c)` inside the handler's own transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from .events import Lsn
+
+
+@dataclass(frozen=True)
+class Position:
+    lsn: Lsn | None = None
+    seq: int = 0
+    seqs_above: frozenset[int] = field(default_factory=frozenset)
+
+    def handled(self, seq: int) -> bool:
+        """True when the event `seq` was already handled (so a replay must skip it)."""
+        return seq <= self.seq or seq in self.seqs_above
+
+
+_SAVE = """
+INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, updated_at)
+VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, now())
+ON CONFLICT (consumer) DO UPDATE SET
+    lsn = greatest(c.lsn, excluded.lsn),
+    seqs_above = CASE WHEN excluded.seq > c.seq THEN excluded.seqs_above
+                      WHEN excluded.seq = c.seq THEN ARRAY(SELECT DISTINCT unnest(c.seqs_above || excluded.seqs_above) ORDER BY 1)
+                      ELSE c.seqs_above END,
+    seq = greatest(c.seq, excluded.seq),
+    updated_at = now()
+"""
+
+
+class Checkpoints:
+    """Load and save one consumer's position."""
+
+    def __init__(self, pool: ConnectionPool, consumer: str):
+        self.pool = pool
+        self.consumer = consumer
+
+    def load(self) -> Position | None:
+        with self.pool.connection() as conn:
+            return load(conn, self.consumer)
+
+    def save(self, position: Position, *, conn: psycopg.Connection | None = None) -> None:
+        """Save `position`. With `conn`, inside that connection's current transaction (the
+        projection handler's), so the handler's writes and the position commit together."""
+        if conn is not None:
+            save(conn, self.consumer, position)
+            return
+        with self.pool.connection() as c:
+            save(c, self.consumer, position)
+
+    def reset(self) -> None:
+        """Forget the position: the next run starts from the beginning."""
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM cdc.checkpoints WHERE consumer = %s", (self.consumer,))
+
+
+def load(conn: psycopg.Connection, consumer: str) -> Position | None:
+    row = conn.execute(
+        "SELECT lsn::text, seq, seqs_above FROM cdc.checkpoints WHERE consumer = %s", (consumer,)
+    ).fetchone()
+    if row is None:
+        return None
+    return Position(Lsn.parse(row[0]) if row[0] else None, int(row[1]), frozenset(row[2] or ()))
+
+
+def save(conn: psycopg.Connection, consumer: str, position: Position) -> None:
+    conn.execute(
+        _SAVE,
+        {
+            "consumer": consumer,
+            "lsn": str(position.lsn) if position.lsn is not None else None,
+            "seq": position.seq,
+            "above": sorted(position.seqs_above),
+        },
+    )

@@ -1,0 +1,87 @@
+"""How we reach the server: the DSN (flag, CDC_DSN or libpq's PG* variables), pools, and errors
+turned into one line that says what to fix. Secrets never leave this module unmasked."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from .errors import ConfigError, ConnectError, ReplicationPrivilegeError
+
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_PASSWORD_URL = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+
+
+def resolve_dsn(dsn: str | None) -> str:
+    """The DSN to use: the argument, else CDC_DSN, else "" so libpq reads PGHOST, PGPORT, ...
+
+    Raises ConfigError when nothing at all says where the server is.
+    """
+    if dsn:
+        return dsn
+    env = os.environ.get("CDC_DSN")
+    if env:
+        return env
+    if any(k in os.environ for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")):
+        return ""
+    raise ConfigError("no database given: pass --dsn, or set CDC_DSN or the PGHOST/PGPORT/... variables")
+
+
+def mask(text: str) -> str:
+    """`text` with any password in a DSN replaced by ***."""
+    return _PASSWORD_URL.sub(r"\1***\3", _PASSWORD_KV.sub(r"\1***", text))
+
+
+def describe(dsn: str) -> str:
+    """host:port/dbname of a DSN, for log lines."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "?"
+    host = str(info.get("host") or os.environ.get("PGHOST") or "localhost")
+    port = info.get("port") or os.environ.get("PGPORT") or "5432"
+    db = info.get("dbname") or os.environ.get("PGDATABASE") or info.get("user") or "postgres"
+    return f"{host}:{port}/{db}"
+
+
+def connect_error(err: Exception, dsn: str) -> Exception:
+    """The user-facing error for a failed connection attempt."""
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    if "replication role" in str(err) or "must be superuser or replication" in str(err):
+        return ReplicationPrivilegeError(
+            "the role may not stream changes: ALTER ROLE <user> REPLICATION (or use --mode poll)"
+        )
+    if isinstance(err, psycopg.ProgrammingError) and "invalid" in text.lower():
+        return ConfigError(f"invalid DSN: {mask(text)}")
+    return ConnectError(f"cannot connect to {describe(dsn)}: {mask(text)} (check --dsn / CDC_DSN and that the server runs)")
+
+
+def connect(dsn: str, **kwargs: object) -> psycopg.Connection:
+    """A plain connection, or ConnectError with one clear line."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=int(os.environ.get("CDC_CONNECT_TIMEOUT", "10")), **kwargs)  # type: ignore[arg-type]
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as err:
+        raise connect_error(err, dsn) from None
+
+
+def open_pool(dsn: str, *, max_size: int = 4, name: str = "cdc") -> ConnectionPool:
+    """The pool for ordinary work (setup, appends, polling, checkpoints, the reconciler).
+
+    Opened eagerly with one connection so a wrong DSN fails here, with its clear message.
+    """
+    conn = connect(dsn)  # fail fast, clearly
+    conn.close()
+    pool = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        name=name,
+        kwargs={"autocommit": True},
+        open=False,
+        timeout=30,
+    )
+    pool.open(wait=True, timeout=30)
+    return pool

@@ -1,0 +1,243 @@
+"""A throwaway PostgreSQL cluster with wal2json, for the demo, the tests and the benchmarks.
+
+`initdb` and `postgres` refuse to run as root, so when we are root the cluster belongs to an
+unprivileged OS user (``postgres`` where it exists). A watchdog process stops the server and
+removes its directory if we die without cleaning up (kill -9 included): no postgres outlives us.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EmbeddedError
+
+INSTALL_HINT = "apt-get install -y postgresql postgresql-15-wal2json (or run scripts/setup)"
+
+# Stops the server once our pipe closes: the parent exited or was killed.
+_WATCHDOG = r"""
+import os, shutil, subprocess, sys
+sys.stdin.read()
+pg_ctl, data, root, user = sys.argv[1:5]
+cmd = [pg_ctl, "-D", data, "stop", "-m", "immediate", "-w"]
+if user:
+    cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", *cmd] if os.geteuid() == 0 else cmd
+subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+shutil.rmtree(root, ignore_errors=True)
+"""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running embedded cluster. `dsn` connects over the unix socket (faster than TCP)."""
+
+    dsn: str
+    tcp_dsn: str
+    port: int
+    socket_dir: str
+    data_dir: str
+    bin_dir: str
+    log_file: str
+    version: int
+
+
+def find_bin_dir() -> Path:
+    """The newest installed PostgreSQL server binaries, or CDC_PG_BINDIR."""
+    explicit = os.environ.get("CDC_PG_BINDIR")
+    candidates = [Path(explicit)] if explicit else []
+    candidates += sorted(
+        (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    found = shutil.which("pg_config")
+    if found:
+        out = subprocess.run([found, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if out:
+            candidates.append(Path(out))
+    for c in candidates:
+        if (c / "initdb").exists() and (c / "postgres").exists():
+            return c
+    raise EmbeddedError(f"PostgreSQL server binaries not found (no initdb): {INSTALL_HINT}")
+
+
+def _server_version(bin_dir: Path) -> tuple[int, int]:
+    out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True)
+    # "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    number = out.stdout.split(")")[1].split()[0]
+    major, _, minor = number.partition(".")
+    return int(major), int(minor.split(".")[0] or 0)
+
+
+def _check_wal2json(bin_dir: Path, major: int) -> None:
+    libdir = subprocess.run(
+        [str(bin_dir / "pg_config"), "--pkglibdir"], capture_output=True, text=True
+    ).stdout.strip() if (bin_dir / "pg_config").exists() else ""
+    dirs = [d for d in (libdir, str(bin_dir.parent / "lib")) if d]
+    if not any(Path(d, "wal2json.so").exists() for d in dirs):
+        raise EmbeddedError(
+            f"wal2json is not installed for PostgreSQL {major}: apt-get install -y postgresql-{major}-wal2json"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_as(user: str | None, cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    if user is not None:
+        cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def _server_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    for name in (os.environ.get("CDC_EMBEDDED_USER"), "postgres", "nobody"):
+        if name:
+            try:
+                pwd.getpwnam(name)
+                return name
+            except KeyError:
+                continue
+    raise EmbeddedError("running as root and no unprivileged user for the server: useradd postgres")
+
+
+@contextmanager
+def embedded_cluster(
+    *, settings: Mapping[str, str] | None = None, fast: bool = False, keep_wal2json: bool = True
+) -> Iterator[Cluster]:
+    """Start a cluster, yield it, then stop it and remove every file, whatever happens.
+
+    `settings` go into postgresql.conf (``{"wal_level": "replica"}`` to test the fallback).
+    `fast` turns fsync off: for tests and benchmarks only, never for data you keep.
+    """
+    bin_dir = find_bin_dir()
+    major, minor = _server_version(bin_dir)
+    if keep_wal2json:
+        _check_wal2json(bin_dir, major)
+    user = _server_user()
+    root = tempfile.mkdtemp(prefix="cdc-pg-")
+    data, sock, log = f"{root}/data", f"{root}/run", f"{root}/server.log"
+    os.makedirs(sock)
+    if user is not None:
+        ids = pwd.getpwnam(user)
+        for p in (root, sock):
+            os.chown(p, ids.pw_uid, ids.pw_gid)
+    os.chmod(root, 0o755)
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(bin_dir / "pg_ctl"), data, root, user or ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches us, not the watchdog: we stop cleanly first
+    )
+    started = False
+    try:
+        r = _run_as(user, [str(bin_dir / "initdb"), "-D", data, "-A", "trust", "-U", "postgres",
+                           "-E", "UTF8", "--locale=C.UTF-8" if _has_c_utf8() else "--locale=C"])
+        if r.returncode != 0:
+            raise EmbeddedError(f"initdb failed: {r.stderr.strip().splitlines()[-1:]}")
+        port = _free_port()
+        conf = {
+            "wal_level": "logical",
+            "max_replication_slots": "20",
+            "max_wal_senders": "20",
+            "port": str(port),
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{sock}'",
+            "max_connections": "200",
+            "shared_buffers": "256MB",
+            "logging_collector": "off",
+        }
+        if fast:
+            conf |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        allow = _run_as(user, [str(bin_dir / "postgres"), "-D", data, "-C", "output_plugin_libraries"])
+        if allow.returncode == 0:
+            # PostgreSQL 15.19+ / 16.15+ / 17.11+ / 18.6+ only load listed output plugins.
+            conf["output_plugin_libraries"] = "'pgoutput, test_decoding, wal2json'"
+        conf |= dict(settings or {})
+        with open(f"{data}/postgresql.conf", "a") as f:
+            f.write("\n# cdc embedded cluster\n")
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        r = _run_as(user, [str(bin_dir / "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "start"])
+        started = True
+        if r.returncode != 0:
+            tail = Path(log).read_text(errors="replace").strip().splitlines()[-3:] if Path(log).exists() else []
+            raise EmbeddedError(f"the embedded server did not start: {' | '.join(tail) or r.stderr.strip()}")
+        yield Cluster(
+            dsn=f"host={sock} port={port} user=postgres dbname=postgres",
+            tcp_dsn=f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
+            port=port,
+            socket_dir=sock,
+            data_dir=data,
+            bin_dir=str(bin_dir),
+            log_file=log,
+            version=major * 10000 + minor,
+        )
+    finally:
+        if started:
+            with _ignoring_interrupts():
+                _run_as(user, [str(bin_dir / "pg_ctl"), "-D", data, "stop", "-m", "fast", "-w", "-t", "30"])
+        with _ignoring_interrupts():
+            assert watchdog.stdin is not None
+            watchdog.stdin.close()  # the watchdog's stop is now a no-op; it removes the files
+            try:
+                watchdog.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def restart(cluster: Cluster, mode: str = "fast") -> None:
+    """Restart the server in place (`mode` as pg_ctl's -m: fast or immediate). For fault tests."""
+    user = _server_user()
+    _run_as(user, [f"{cluster.bin_dir}/pg_ctl", "-D", cluster.data_dir, "-l", cluster.log_file,
+                   "-m", mode, "-w", "-t", "60", "restart"])
+
+
+def run_as_server_user(cluster: Cluster, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a server-side tool (pg_ctl, ...) as the cluster's owner."""
+    return _run_as(_server_user(), cmd)
+
+
+def _has_c_utf8() -> bool:
+    return Path("/usr/lib/locale/C.utf8").exists() or Path("/usr/lib/locale/C.UTF-8").exists()
+
+
+@contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    """A second Ctrl-C must not interrupt the clean-up that the first one started."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll `predicate` until truthy (used by tests and the demo)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

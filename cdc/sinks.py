@@ -1,0 +1,143 @@
+"""Where delivered transactions go: stdout, a JSON-lines file, nowhere, or a user's function.
+
+A sink's contract: `write(tx)` hands it a transaction (or a part of a huge one); `flush()`
+makes everything written so far durable, and only after it returns may the position be
+acknowledged. Records are one JSON line per event (see `events.record`), written whole.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import IO, Protocol
+
+import orjson
+
+from .errors import ConfigError
+from .events import Transaction
+
+
+class Sink(Protocol):
+    def write(self, tx: Transaction) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _lines(tx: Transaction) -> bytes:
+    # One buffer per transaction: each line is written whole, and one write serves them all.
+    source = tx.source
+    xid = tx.xid
+    commit = str(tx.commit_lsn) if tx.commit_lsn is not None else None
+    dumps = orjson.dumps
+    out = []
+    for e in tx.events:
+        out.append(dumps({
+            "seq": e.seq, "stream_id": e.stream_id, "version": e.version, "type": e.type,
+            "data": e.data, "metadata": e.metadata,
+            "created_at": e.created_at.isoformat() if e.created_at is not None else None,
+            "xid": xid, "commit_lsn": commit, "source": source,
+        }))
+    out.append(b"")
+    return b"\n".join(out)
+
+
+class NullSink:
+    """Discards events: for benchmarks and for checking that a feed drains."""
+
+    def write(self, tx: Transaction) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StreamSink:
+    """JSON lines to a binary file object (stdout by default)."""
+
+    def __init__(self, out: IO[bytes] | None = None):
+        self.out = out if out is not None else sys.stdout.buffer
+
+    def write(self, tx: Transaction) -> None:
+        if tx.events:
+            self.out.write(_lines(tx))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class JsonlSink(StreamSink):
+    """JSON lines appended to a file; `flush` fsyncs, so an acknowledged event is on disk."""
+
+    def __init__(self, path: str):
+        try:
+            super().__init__(open(path, "ab"))
+        except OSError as err:
+            raise ConfigError(f"cannot open {path!r} for the jsonl sink: {err.strerror}") from None
+        self.path = path
+
+    def flush(self) -> None:
+        self.out.flush()
+        os.fsync(self.out.fileno())
+
+    def close(self) -> None:
+        self.flush()
+        self.out.close()
+
+
+class CallbackSink:
+    """Calls `handler(tx)` for every transaction with events; the library's callback style."""
+
+    def __init__(self, handler: Callable[[Transaction], object]):
+        self.handler = handler
+
+    def write(self, tx: Transaction) -> None:
+        if tx.events:
+            self.handler(tx)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def load_callable(spec: str) -> Callable[..., object]:
+    """`module:function` (or `module.sub:function`) → the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"expected MODULE:FUNCTION, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot load {spec!r}: {err}") from None
+    if not callable(fn):
+        raise ConfigError(f"{spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def open_sink(spec: str) -> Sink:
+    """A sink from its command-line form: stdout, null, jsonl:PATH, webhook:URL."""
+    kind, _, arg = spec.partition(":")
+    if kind == "stdout" and not arg:
+        return StreamSink()
+    if kind == "null" and not arg:
+        return NullSink()
+    if kind == "jsonl" and arg:
+        return JsonlSink(arg)
+    if kind == "webhook" and arg:
+        from .webhook import WebhookSink
+
+        return WebhookSink(arg)
+    raise ConfigError(
+        f"unknown sink {spec!r}: use stdout, null, jsonl:PATH, webhook:URL or python:MODULE:FUNCTION"
+    )

@@ -1,0 +1,222 @@
+"""The event store: the events table, its sequence, the bookkeeping tables, and appends.
+
+Any client may append with a plain ``INSERT INTO cdc.events(stream_id, version, type, data)``:
+`seq` comes from a CACHE 1 sequence, `xid` from the inserting transaction. CACHE 1 matters: a
+session caching sequence values could use a number long after a later one committed, and no
+check of running transactions could then prove a hole dead (see polling.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from .errors import ConcurrencyError, EventsTableMissingError
+
+NOTIFY_CHANNEL = "cdc_events"
+
+SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS cdc;
+CREATE SEQUENCE IF NOT EXISTS cdc.events_seq AS bigint CACHE 1;
+CREATE TABLE IF NOT EXISTS cdc.events (
+    seq        bigint      PRIMARY KEY DEFAULT nextval('cdc.events_seq'),
+    stream_id  text        NOT NULL,
+    version    bigint      NOT NULL,
+    type       text        NOT NULL,
+    data       jsonb       NOT NULL DEFAULT '{}',
+    metadata   jsonb       NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- The inserting transaction, so the poll path can group rows and name transactions too.
+    xid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    UNIQUE (stream_id, version)
+);
+ALTER SEQUENCE cdc.events_seq OWNED BY cdc.events.seq;
+-- Where each consumer stands. `lsn`: end of the last transaction handled from the stream.
+-- `seq`: every seq at or below it is handled or proven never to commit; `seqs_above`: the
+-- handled ones above it (the stream hands over in commit order, not seq order).
+CREATE TABLE IF NOT EXISTS cdc.checkpoints (
+    consumer   text        PRIMARY KEY,
+    lsn        pg_lsn,
+    seq        bigint      NOT NULL DEFAULT 0,
+    seqs_above bigint[]    NOT NULL DEFAULT '{}',
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- Transactions a consumer gave up on (poison), kept with the error instead of dropped.
+CREATE TABLE IF NOT EXISTS cdc.dead_letters (
+    id         bigserial   PRIMARY KEY,
+    consumer   text        NOT NULL,
+    xid        bigint,
+    commit_lsn pg_lsn,
+    seqs       bigint[]    NOT NULL,
+    records    jsonb       NOT NULL,
+    error      text        NOT NULL,
+    attempts   int         NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+-- The compact record of what a consumer was handed, for the reconciler.
+CREATE TABLE IF NOT EXISTS cdc.deliveries (
+    consumer     text        NOT NULL,
+    seq          bigint      NOT NULL,
+    xid          bigint,
+    commit_lsn   pg_lsn,
+    delivery     bigint      NOT NULL,
+    source       text        NOT NULL,
+    delivered_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS deliveries_consumer_seq ON cdc.deliveries (consumer, seq);
+CREATE INDEX IF NOT EXISTS deliveries_consumer_time ON cdc.deliveries (consumer, delivered_at);
+"""
+
+
+@dataclass(frozen=True)
+class EventTable:
+    """Where events live and what each column is called.
+
+    A column mapped to None does not exist in the table: the field is left null. The default is
+    `cdc.events`; presets for other event stores map their own tables.
+    """
+
+    schema: str = "cdc"
+    name: str = "events"
+    seq: str = "seq"
+    stream_id: str = "stream_id"
+    version: str | None = "version"
+    type: str | None = "type"
+    data: str | None = "data"
+    metadata: str | None = "metadata"
+    created_at: str | None = "created_at"
+    xid: str | None = "xid"
+    # How a column's value becomes JSON: "jsonb" (parse text), "bytea" (hex of utf-8 JSON),
+    # "text" (keep as is). Only data and metadata need it.
+    payload_encoding: dict[str, str] = field(default_factory=dict)
+    # Stop on columns the mapping does not name (the table was altered). Off for mapped tables
+    # of other event stores, which carry columns we do not read.
+    strict: bool = True
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    def select_list(self) -> sql.Composable:
+        """The columns a reader needs, in Event field order, NULL where a column is missing."""
+        parts: list[sql.Composable] = []
+        for col in (self.seq, self.stream_id, self.version, self.type, self.data,
+                    self.metadata, self.created_at):
+            parts.append(sql.Identifier(col) if col else sql.SQL("NULL"))
+        # The xid8 as a 32-bit xid, as the stream names transactions.
+        parts.append(
+            sql.SQL("({}::text::numeric % 4294967296)::bigint").format(sql.Identifier(self.xid))
+            if self.xid else sql.SQL("NULL::bigint")
+        )
+        return sql.SQL(", ").join(parts)
+
+
+DEFAULT_TABLE = EventTable()
+
+
+def setup(conn_or_pool: psycopg.Connection | ConnectionPool) -> None:
+    """Create the schema, the events table and the bookkeeping tables. Idempotent."""
+    if isinstance(conn_or_pool, ConnectionPool):
+        with conn_or_pool.connection() as conn:
+            _setup(conn)
+    else:
+        _setup(conn_or_pool)
+
+
+def _setup(conn: psycopg.Connection) -> None:
+    with conn.transaction():
+        # Two `cdc setup` at once would race on CREATE ... IF NOT EXISTS: serialize them.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('cdc.setup'))")
+        conn.execute(SCHEMA_SQL)
+
+
+def require_table(conn: psycopg.Connection, table: EventTable = DEFAULT_TABLE) -> None:
+    """Raise EventsTableMissingError unless the events table exists."""
+    row = conn.execute("SELECT to_regclass(%s)", (table.qualified,)).fetchone()
+    if row is None or row[0] is None:
+        hint = "run `cdc setup`" if table == DEFAULT_TABLE else "check --table / the preset"
+        raise EventsTableMissingError(f"events table {table.qualified} does not exist: {hint}")
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append: its type, data and optional metadata."""
+
+    type: str
+    data: Any = None
+    metadata: Any = None
+
+
+def append(
+    pool_or_conn: ConnectionPool | psycopg.Connection,
+    stream_id: str,
+    events: Sequence[NewEvent],
+    *,
+    expected_version: int | None,
+    notify: bool = True,
+) -> list[int]:
+    """Append `events` to `stream_id` atomically; return their seqs.
+
+    `expected_version` is the version the stream must be at (0 for a new stream); None appends
+    whatever the version. A conflict raises ConcurrencyError and writes nothing. With `notify`,
+    a NOTIFY wakes pollers at once instead of at their next interval.
+    """
+    if isinstance(pool_or_conn, ConnectionPool):
+        with pool_or_conn.connection() as conn:
+            return _append(conn, stream_id, events, expected_version, notify)
+    return _append(pool_or_conn, stream_id, events, expected_version, notify)
+
+
+def _append(
+    conn: psycopg.Connection,
+    stream_id: str,
+    events: Sequence[NewEvent],
+    expected_version: int | None,
+    notify: bool,
+) -> list[int]:
+    if not events:
+        return []
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT coalesce(max(version), 0) FROM cdc.events WHERE stream_id = %s",
+                (stream_id,),
+            ).fetchone()
+            current = int(row[0]) if row else 0
+            if expected_version is not None and current != expected_version:
+                raise ConcurrencyError(stream_id, expected_version, current)
+            versions = list(range(current + 1, current + 1 + len(events)))
+            rows = conn.execute(
+                """
+                INSERT INTO cdc.events (stream_id, version, type, data, metadata)
+                SELECT %s, v, t, d::jsonb, m::jsonb
+                FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS x(v, t, d, m)
+                RETURNING seq
+                """,
+                (
+                    stream_id,
+                    versions,
+                    [e.type for e in events],
+                    [orjson.dumps(e.data).decode() for e in events],
+                    [orjson.dumps(e.metadata if e.metadata is not None else {}).decode() for e in events],
+                ),
+            ).fetchall()
+            if notify:
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, stream_id))
+    except psycopg.errors.UniqueViolation:
+        # Someone appended to the stream between our read and our insert.
+        actual = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM cdc.events WHERE stream_id = %s", (stream_id,)
+        ).fetchone()
+        raise ConcurrencyError(stream_id, expected_version if expected_version is not None else current,
+                               int(actual[0]) if actual else 0) from None
+    return sorted(int(r[0]) for r in rows)
