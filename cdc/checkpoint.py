@@ -14,12 +14,13 @@ The exactly-once variant: `save(..., conn=c)` inside the handler's own transacti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from .events import Lsn
+from .events import Lsn, Transaction
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,65 @@ def save(conn: psycopg.Connection, consumer: str, position: Position) -> None:
             "above": sorted(position.seqs_above),
         },
     )
+
+
+class Projection:
+    """A sink whose handler writes into the database in the same transaction as the checkpoint.
+
+    `handler(conn, tx)` runs inside a transaction on `conn`; the consumer's position is saved
+    in that same transaction, so the handler's effect and "this transaction is done" commit
+    together or not at all: exactly-once, even after kill -9. A transaction handed over in parts
+    is one database transaction from its first part to its final one.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[psycopg.Connection, Transaction], object],
+        conn: psycopg.Connection,
+        *,
+        consumer: str = "default",
+    ):
+        self.handler = handler
+        self.conn = conn
+        self.consumer = consumer
+        self._open: psycopg.Transaction | None = None
+
+    def write(self, tx: Transaction) -> None:
+        if self._open is None:
+            self._open = self.conn.transaction()
+            self._open.__enter__()
+        try:
+            if tx.events:
+                self.handler(self.conn, tx)
+            if tx.final:
+                if tx.end_lsn is not None:
+                    save(self.conn, self.consumer, Position(lsn=tx.end_lsn))
+                elif tx.events:
+                    # Poll-path events: record them as handled beside the contiguous mark; the
+                    # consumer's next checkpoint folds them into it.
+                    self.conn.execute(
+                        "INSERT INTO cdc.checkpoints AS c (consumer, seqs_above) VALUES (%s, %s) "
+                        "ON CONFLICT (consumer) DO UPDATE SET seqs_above = ARRAY("
+                        "SELECT DISTINCT s FROM unnest(c.seqs_above || excluded.seqs_above) s "
+                        "WHERE s > c.seq ORDER BY 1)",
+                        (self.consumer, [e.seq for e in tx.events]),
+                    )
+                opened, self._open = self._open, None
+                opened.__exit__(None, None, None)
+        except BaseException as err:
+            opened, self._open = self._open, None
+            if opened is not None:
+                opened.__exit__(type(err), err, err.__traceback__)
+            raise
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._open is not None:  # a huge transaction cut short: undo its parts
+            opened, self._open = self._open, None
+            opened.__exit__(_Abandoned, _Abandoned(), None)
+
+
+class _Abandoned(Exception):
+    pass

@@ -82,6 +82,9 @@ def open_pool(dsn: str, *, max_size: int = 4, name: str = "cdc") -> ConnectionPo
         kwargs={"autocommit": True},
         open=False,
         timeout=30,
+        # A server restart leaves dead connections in the pool: test each on checkout (one
+        # round trip, and we check out about once a second).
+        check=ConnectionPool.check_connection,
     )
     pool.open(wait=True, timeout=30)
     return pool

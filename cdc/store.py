@@ -59,18 +59,50 @@ CREATE TABLE IF NOT EXISTS cdc.dead_letters (
     attempts   int         NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
--- The compact record of what a consumer was handed, for the reconciler.
+-- The compact record of what a consumer was handed, for the reconciler (see reconcile.py).
+-- One row an event delivered; `delivery` counts per consumer, in delivery (= commit) order.
 CREATE TABLE IF NOT EXISTS cdc.deliveries (
     consumer     text        NOT NULL,
-    seq          bigint      NOT NULL,
+    run          bigint      NOT NULL DEFAULT 0,
     xid          bigint,
     commit_lsn   pg_lsn,
-    delivery     bigint      NOT NULL,
+    commit_time  timestamptz,
     source       text        NOT NULL,
+    delivery     bigint      NOT NULL,
+    seq          bigint      NOT NULL,
     delivered_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE cdc.deliveries ADD COLUMN IF NOT EXISTS run bigint NOT NULL DEFAULT 0;
+ALTER TABLE cdc.deliveries ADD COLUMN IF NOT EXISTS commit_time timestamptz;
+DROP INDEX IF EXISTS cdc.deliveries_consumer_time;
 CREATE INDEX IF NOT EXISTS deliveries_consumer_seq ON cdc.deliveries (consumer, seq);
-CREATE INDEX IF NOT EXISTS deliveries_consumer_time ON cdc.deliveries (consumer, delivered_at);
+CREATE INDEX IF NOT EXISTS deliveries_consumer_delivery ON cdc.deliveries (consumer, delivery);
+-- One row a consumer process start, with the position it started from: a redelivery in a
+-- later run of an event that position already covered is a duplicate, not a crash replay.
+CREATE TABLE IF NOT EXISTS cdc.delivery_runs (
+    run              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    consumer         text        NOT NULL,
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    start_lsn        pg_lsn,
+    start_seq        bigint      NOT NULL DEFAULT 0,
+    start_seqs_above bigint[]    NOT NULL DEFAULT '{}'
+);
+-- A snapshot and the WAL insert position read after it: every event visible in `snapshot`
+-- committed before `wal_lsn`, so once a consumer has acknowledged `wal_lsn` it must have them.
+CREATE TABLE IF NOT EXISTS cdc.delivery_fences (
+    consumer         text        NOT NULL,
+    taken_at         timestamptz NOT NULL DEFAULT now(),
+    snapshot         pg_snapshot NOT NULL,
+    wal_lsn          pg_lsn      NOT NULL,
+    through_delivery bigint
+);
+CREATE INDEX IF NOT EXISTS delivery_fences_consumer_lsn ON cdc.delivery_fences (consumer, wal_lsn);
+-- What prune() removed: a delivery record of a seq at or below `pruned_max_seq` may be gone.
+CREATE TABLE IF NOT EXISTS cdc.delivery_horizons (
+    consumer       text   PRIMARY KEY,
+    pruned_through bigint NOT NULL,
+    pruned_max_seq bigint NOT NULL
+);
 """
 
 
@@ -114,7 +146,7 @@ class EventTable:
             parts.append(sql.Identifier(col) if col else sql.SQL("NULL"))
         # The xid8 as a 32-bit xid, as the stream names transactions.
         parts.append(
-            sql.SQL("({}::text::numeric % 4294967296)::bigint").format(sql.Identifier(self.xid))
+            sql.SQL("mod({}::text::numeric, 4294967296)::bigint").format(sql.Identifier(self.xid))
             if self.xid else sql.SQL("NULL::bigint")
         )
         return sql.SQL(", ").join(parts)

@@ -1,0 +1,56 @@
+"""cdc: a complete, commit-ordered feed of appended events from PostgreSQL.
+
+    import cdc
+    with cdc.Consumer("dbname=app", consumer="projector") as feed:
+        for tx in feed:
+            for event in tx.events:
+                ...
+
+The stream path reads a wal2json logical replication slot; the poll path is a gap-safe seq
+poller; a reconciler checks one against the other.
+"""
+
+from .checkpoint import Checkpoints, Position, Projection
+from .consumer import AsyncConsumer, Consumer
+from .embedded import embedded_cluster
+from .errors import (
+    CdcError,
+    ConcurrencyError,
+    ConfigError,
+    ConnectError,
+    DecodeError,
+    SetupError,
+    SlotError,
+    SlotInUseError,
+    SlotLostError,
+    UnsupportedChangeError,
+)
+from .events import Event, Lsn, Transaction
+from .store import DEFAULT_TABLE, EventTable, NewEvent, append, setup
+
+__all__ = [
+    "AsyncConsumer",
+    "CdcError",
+    "Checkpoints",
+    "ConcurrencyError",
+    "ConfigError",
+    "ConnectError",
+    "Consumer",
+    "DEFAULT_TABLE",
+    "DecodeError",
+    "Event",
+    "EventTable",
+    "Lsn",
+    "NewEvent",
+    "Position",
+    "Projection",
+    "SetupError",
+    "SlotError",
+    "SlotInUseError",
+    "SlotLostError",
+    "Transaction",
+    "UnsupportedChangeError",
+    "append",
+    "embedded_cluster",
+    "setup",
+]

@@ -1,0 +1,243 @@
+"""`cdc` command line: argument parsing, logging set-up and exit codes only.
+
+Exit codes: 0 done, 1 failed (or, for reconcile and check, disagreement found), 2 bad usage or
+configuration. Errors are one line on stderr; logs go to stderr; only records go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from .connection import mask
+from .errors import CdcError, ConfigError
+
+log = logging.getLogger("cdc")
+
+DSN_HELP = "PostgreSQL connection string (default: $CDC_DSN, else libpq's PGHOST/PGPORT/PGUSER/... variables)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+class _MaskingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = mask(record.getMessage())
+        record.args = ()
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        return orjson.dumps(doc).decode()
+
+
+def setup_logging(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_MaskingFilter())
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("psycopg").setLevel(logging.WARNING)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dsn", help=DSN_HELP)
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="log lines as text (default) or one JSON object each; logs never carry event payloads")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log verbosity (default info)")
+
+
+def _table_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["cdc", "marten", "eventsourcing"], default=None,
+                   help="read another event store's table: marten (mt_events), eventsourcing (stored_events)")
+    p.add_argument("--table", default=None, help="schema-qualified events table for the preset (default: the preset's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdc",
+        description="A complete, commit-ordered feed of appended events from PostgreSQL.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("setup", help="create the cdc schema and tables (idempotent)", formatter_class=_Formatter)
+    _common(p)
+
+    p = sub.add_parser(
+        "run", help="deliver events continuously (the sidecar)", formatter_class=_Formatter,
+        description=(
+            "Deliver every committed event exactly once per consumer position, in commit order (stream)\n"
+            "or seq order (poll). Settings come from flags, then CDC_* environment variables (e.g. CDC_SINK),\n"
+            "then the --config TOML file. SIGTERM/SIGINT: finish the current transaction, acknowledge, exit 0."
+        ),
+    )
+    _common(p)
+    _table_opts(p)
+    p.add_argument("--config", help="TOML file with settings (keys as the long flags, with _ for -)")
+    p.add_argument("--mode", choices=["auto", "stream", "poll"], default=None,
+                   help="stream: wal2json slot; poll: gap-safe seq poller; auto (default): stream when logical "
+                        "decoding works, else poll after one warning saying why")
+    p.add_argument("--slot", default=None, help="replication slot name (default cdc); created if missing")
+    p.add_argument("--consumer", default=None, help="consumer name: its checkpoint in cdc.checkpoints (default 'default')")
+    p.add_argument("--sink", default=None,
+                   help="stdout (default), null, jsonl:PATH (fsynced before acknowledging), webhook:URL (POST per "
+                        "transaction, acknowledged after a 2xx), python:MODULE:FUNCTION (function(conn, tx) run in "
+                        "the same database transaction as the checkpoint: exactly-once)")
+    p.add_argument("--endpos", default=None,
+                   help="stop after the last transaction ending at or before this LSN (e.g. 0/1A2B3C4), acknowledged, exit 0")
+    p.add_argument("--poll-interval", type=float, default=None, help="poll mode: seconds between polls when no NOTIFY wakes us (default 0.1)")
+    p.add_argument("--stale-threshold", type=float, default=None,
+                   help="seconds after which a sequence hole held by a live transaction is logged (it is never skipped; default 3)")
+    p.add_argument("--chunk-events", type=int, default=None,
+                   help="hand a huge transaction over in parts of this many events, so memory stays bounded (default 10000)")
+    p.add_argument("--checkpoint-interval", type=float, default=None,
+                   help="seconds between checkpoint saves while busy; idle feeds save at once (default 1)")
+    p.add_argument("--status-interval", type=float, default=None, help="seconds between standby status updates to the server (default 10)")
+    p.add_argument("--heartbeat-interval", type=float, default=None,
+                   help="seconds of idleness before a heartbeat logical message keeps the slot advancing; 0 disables (default 10)")
+    p.add_argument("--http-port", type=int, default=None, help="serve /healthz, /readyz and /metrics on this port (off by default)")
+    p.add_argument("--http-host", default=None, help="address for the HTTP endpoint (default 127.0.0.1)")
+    p.add_argument("--ready-max-lag-seconds", type=float, default=None, help="/readyz fails when lag exceeds this many seconds")
+    p.add_argument("--ready-max-lag-bytes", type=int, default=None, help="/readyz fails when the slot lags by more bytes")
+    p.add_argument("--reconcile", action="store_true", default=None,
+                   help="run a shadow poller beside the stream and report every disagreement (metric + log)")
+    p.add_argument("--record-deliveries", action="store_true", default=None,
+                   help="keep the compact delivery record (seq, xid, LSN) that `cdc reconcile` checks (implied by --reconcile)")
+    p.add_argument("--max-attempts", type=int, default=None, help="sink attempts per transaction before it counts as poison (default 5)")
+    p.add_argument("--on-poison", choices=["stop", "dead-letter"], default=None,
+                   help="after --max-attempts failures: stop (default, nothing acknowledged) or move the transaction to cdc.dead_letters and go on")
+    p.add_argument("--webhook-secret", default=None, help="sign webhook bodies: X-Cdc-Signature: sha256=HMAC (or CDC_WEBHOOK_SECRET)")
+    p.add_argument("--standby", action="store_true", default=None,
+                   help="when the slot is held by another cdc, wait as a hot standby and take over when it dies")
+
+    p = sub.add_parser("replay", help="replay history at full speed (rebuilds, backfills)", formatter_class=_Formatter)
+    _common(p)
+    _table_opts(p)
+    p.add_argument("--from-seq", type=int, required=True, help="first seq to replay (inclusive)")
+    p.add_argument("--to-seq", type=int, default=None, help="last seq to replay (inclusive; default: the current proven high-water mark)")
+    p.add_argument("--sink", default="stdout", help="stdout, null or jsonl:PATH")
+
+    p = sub.add_parser("reconcile", help="check what a consumer was delivered against the table", formatter_class=_Formatter)
+    _common(p)
+    p.add_argument("--consumer", default="default", help="consumer whose delivery record to check")
+    p.add_argument("--since", default=None, help="only deliveries at or after this time (ISO 8601, or e.g. 10m, 2h, 1d ago)")
+    p.add_argument("--stale-threshold", type=float, default=3.0, help="flag inversions a Marten-style poller with this threshold would have skipped")
+    p.add_argument("--json", action="store_true", help="print one JSON document (findings name seq, stream_id, version, xid, LSNs)")
+
+    p = sub.add_parser("check", help="preflight: is this server ready for cdc? one line per check", formatter_class=_Formatter)
+    _common(p)
+    _table_opts(p)
+    p.add_argument("--slot", default="cdc", help="slot to inspect")
+
+    p = sub.add_parser("demo", help="the whole thing on a throwaway cluster: writers, rollbacks, delivery in commit order",
+                       formatter_class=_Formatter)
+    p.add_argument("--seconds", type=float, default=10.0, help="how long the writers write")
+    p.add_argument("--writers", type=int, default=4, help="concurrent writers")
+    p.add_argument("--log-format", choices=["text", "json"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile") else "info"))
+    try:
+        return int(_dispatch(args) or 0)
+    except CdcError as err:
+        print(f"cdc: error: {mask(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "setup":
+        from . import store
+        from .connection import connect, describe, resolve_dsn
+
+        dsn = resolve_dsn(args.dsn)
+        with connect(dsn, autocommit=True) as conn:
+            store.setup(conn)
+        print(f"cdc setup: schema cdc ready on {describe(dsn)}", file=sys.stderr)
+        return 0
+    if cmd == "run":
+        from . import config
+        from .runner import run
+
+        flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        settings = config.load(flags, args.config)
+        setup_logging(settings.log_format, settings.log_level)
+        return run(settings)
+    if cmd == "replay":
+        return _replay(args)
+    if cmd == "reconcile":
+        return _reconcile(args)
+    if cmd == "check":
+        from .check import main_check
+        from .connection import resolve_dsn
+        from .config import Settings
+        from .runner import table_for
+
+        table = table_for(Settings(preset=args.preset, table=args.table))
+        return main_check(resolve_dsn(args.dsn), args.slot, table)
+    if cmd == "demo":
+        from .demo import demo
+
+        return demo(seconds=args.seconds, writers=args.writers)
+    raise ConfigError(f"unknown command {cmd}")
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .config import Settings
+    from .connection import open_pool, resolve_dsn
+    from .polling import replay
+    from .runner import table_for
+    from .sinks import open_sink
+
+    if args.sink.startswith(("webhook:", "python:")):
+        raise ConfigError("replay writes to stdout, null or jsonl:PATH")
+    dsn = resolve_dsn(args.dsn)
+    table = table_for(Settings(preset=args.preset, table=args.table))
+    sink = open_sink(args.sink)
+    pool = open_pool(dsn, name="cdc-replay")
+    try:
+        replay(pool, table=table, from_seq=args.from_seq, to_seq=args.to_seq, sink=sink,
+               progress=sys.stderr.isatty())
+    finally:
+        sink.close()
+        pool.close()
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from .connection import resolve_dsn
+    from .reconcile import run_cli
+
+    code, out = run_cli(resolve_dsn(args.dsn), args.consumer, args.json, since=args.since,
+                        stale_threshold=args.stale_threshold)
+    sys.stdout.write(out)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

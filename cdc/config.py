@@ -1,0 +1,101 @@
+"""One validated settings object for `cdc run`: flags > environment (CDC_*) > TOML file.
+
+Every field is also an environment variable (CDC_ + the name in upper case, e.g. CDC_SINK)
+and a key of the file given with --config (top level or under [cdc]).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .events import Lsn
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dsn: str | None = None
+    mode: Literal["auto", "stream", "poll"] = "auto"
+    slot: str = Field("cdc", min_length=1, max_length=63, pattern=r"^[a-z0-9_]+$")
+    consumer: str = Field("default", min_length=1)
+    sink: str = "stdout"
+    endpos: str | None = None
+    chunk_events: int = Field(10_000, ge=1)
+    status_interval: float = Field(10.0, gt=0)
+    checkpoint_interval: float = Field(1.0, gt=0)
+    poll_interval: float = Field(0.1, gt=0)
+    stale_threshold: float = Field(3.0, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(None, ge=0, le=65535)
+    ready_max_lag_seconds: float | None = Field(None, gt=0)
+    ready_max_lag_bytes: int | None = Field(None, gt=0)
+    reconcile: bool = False
+    record_deliveries: bool = False
+    delivery_retention_hours: float = Field(168.0, gt=0)
+    heartbeat_interval: float = Field(10.0, ge=0)
+    max_attempts: int = Field(5, ge=1)
+    on_poison: Literal["stop", "dead-letter"] = "stop"
+    webhook_secret: str | None = None
+    standby: bool = False
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    preset: Literal["cdc", "marten", "eventsourcing"] | None = None
+    table: str | None = None
+
+    @field_validator("endpos")
+    @classmethod
+    def _lsn(cls, v: str | None) -> str | None:
+        if v is not None:
+            Lsn.parse(v)
+        return v
+
+    @field_validator("sink")
+    @classmethod
+    def _sink(cls, v: str) -> str:
+        kind, _, arg = v.partition(":")
+        if kind in ("stdout", "null") and not arg or kind in ("jsonl", "webhook", "python") and arg:
+            return v
+        raise ValueError("use stdout, null, jsonl:PATH, webhook:URL or python:MODULE:FUNCTION")
+
+
+ENV_PREFIX = "CDC_"
+
+
+def _coerce_env(name: str, value: str) -> Any:
+    field = Settings.model_fields[name]
+    if field.annotation is bool:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def load(flags: dict[str, Any], config_file: str | None = None) -> Settings:
+    """Merge the three sources and validate; ConfigError names the bad setting."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {config_file!r}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {config_file!r} is not valid TOML: {err}") from None
+        data = data.get("cdc", data)
+        merged.update({k.replace("-", "_"): v for k, v in data.items()})
+    for name in Settings.model_fields:
+        value = os.environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            merged[name] = _coerce_env(name, value)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        value = first.get("input")
+        shown = "***" if "secret" in where or where == "dsn" else repr(value)
+        raise ConfigError(f"invalid setting {where}={shown}: {first['msg']}") from None

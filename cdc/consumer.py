@@ -1,0 +1,504 @@
+"""The run loop: source (stream | poll) → decode → hand over → acknowledge.
+
+Delivery contract, whichever path serves:
+- transactions reach the caller whole (or in parts that end with the commit, for huge ones),
+  in commit order on the stream and in seq order on the poller;
+- a position is acknowledged (checkpoint saved, then the slot told) only after the caller has
+  handled the transaction and the sink has made it durable: kill -9 loses nothing, and replays
+  whole transactions at most since the last checkpoint (at-least-once);
+- on restart, transactions at or below the checkpoint are skipped: a clean stop re-emits nothing.
+
+The hand-off between the paths (a new consumer, a rebuild, a dropped or invalidated slot):
+the slot is created with an exported snapshot. That snapshot sees exactly the transactions that
+committed before the slot's first position, and the slot streams exactly those that commit
+after it. So we replay, under the snapshot, every event the consumer's seq position does not
+already cover (the poll path), then stream from the slot's first position: nothing is missed
+and nothing is handed over twice, with writers appending all the while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Literal
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import metrics
+from .checkpoint import Checkpoints, Position
+from .connection import describe, mask, open_pool, resolve_dsn
+from .decoding import DEFAULT_CHUNK_EVENTS, PLUGIN_OPTIONS, Decoder
+from .errors import (
+    ConnectError,
+    ConnectionLostError,
+    PluginMissingError,
+    PluginNotAllowedError,
+    ReplicationPrivilegeError,
+    SlotInUseError,
+    SlotLostError,
+    WalLevelError,
+)
+from .events import Lsn, Transaction
+from .replication import ReplicationStream
+from .store import DEFAULT_TABLE, EventTable, require_table
+
+log = logging.getLogger("cdc.consumer")
+
+Mode = Literal["stream", "poll", "auto"]
+
+# Reasons logical decoding cannot serve, for which auto mode polls instead.
+UNAVAILABLE = (WalLevelError, PluginMissingError, PluginNotAllowedError, ReplicationPrivilegeError)
+
+
+class Consumer:
+    """Iterate over committed transactions; acknowledge them as you handle them.
+
+    >>> with Consumer("dbname=app", consumer="projector") as feed:
+    ...     for tx in feed:
+    ...         apply(tx)            # auto_ack: acknowledged when you ask for the next one
+
+    With ``auto_ack=False`` call `ack(tx)` once `tx` is durably handled; unacknowledged
+    transactions come again after a restart. `stop()` (from a signal handler or another
+    thread) ends the iteration after the current transaction, acknowledging what was handled.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        consumer: str = "default",
+        slot: str = "cdc",
+        mode: Mode = "stream",
+        table: EventTable = DEFAULT_TABLE,
+        auto_ack: bool = True,
+        endpos: Lsn | None = None,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        status_interval: float = 10.0,
+        checkpoint_interval: float = 1.0,
+        poll_interval: float = 0.1,
+        stale_after: float = 3.0,
+        reconnect: bool = True,
+        backoff_max: float = 30.0,
+        on_checkpoint: Callable[[], None] | None = None,
+        record_deliveries: bool = False,
+        pool: ConnectionPool | None = None,
+    ):
+        self.dsn = resolve_dsn(dsn)
+        self.consumer = consumer
+        self.slot = slot
+        self.mode: Mode = mode
+        self.table = table
+        self.auto_ack = auto_ack
+        self.endpos = endpos
+        self.chunk_events = chunk_events
+        self.status_interval = status_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.poll_interval = poll_interval
+        self.stale_after = stale_after
+        self.reconnect = reconnect
+        self.backoff_max = backoff_max
+        self.on_checkpoint = on_checkpoint
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else open_pool(self.dsn, name=f"cdc-{consumer}")
+        self.checkpoints = Checkpoints(self.pool, consumer)
+        self.deliveries = None
+        if record_deliveries:
+            from .reconcile import DeliveryLog
+
+            self.deliveries = DeliveryLog(self.pool, consumer)
+        self._stop = False
+        self._stream: ReplicationStream | None = None
+        self._position = Position()
+        self._watermark: object | None = None
+        self._acked_lsn: Lsn | None = None
+        self._pending: list[Transaction] = []  # handed over, not yet acknowledged
+        self._acked: list[Transaction] = []  # acknowledged, not yet in a saved checkpoint
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        self.path: str | None = None
+        self.delivered_events = 0
+        self.delivered_transactions = 0
+        with self.pool.connection() as conn:
+            require_table(conn, table)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Transaction]:
+        return self._run()
+
+    def ack(self, tx: Transaction) -> None:
+        """Mark `tx` (and, on the stream, everything before it) as durably handled."""
+        if tx in self._pending:
+            idx = self._pending.index(tx)
+            done, self._pending = self._pending[: idx + 1], self._pending[idx + 1 :]
+            for t in done:
+                self._handled(t)
+
+    def stop(self) -> None:
+        """Ask the iteration to end after the current transaction. Safe from signal handlers."""
+        self._stop = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def run(self, handler: Callable[[Transaction], object]) -> None:
+        """The callback style: call `handler(tx)` for each transaction until `stop()`."""
+        for tx in self:
+            handler(tx)
+
+    def close(self) -> None:
+        """Save the position of what was acknowledged, end the stream politely, release all."""
+        try:
+            if self.auto_ack:
+                self._ack_pending()
+            self._checkpoint(force=True)
+        except (psycopg.Error, ConnectError) as err:
+            log.warning("could not save the final checkpoint: %s", mask(str(err)))
+        finally:
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
+            poller = getattr(self, "_poller", None)
+            if poller is not None:
+                poller.close()
+                self._poller = None
+            if self._own_pool:
+                self.pool.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> Iterator[Transaction]:
+        self._load_position()
+        if self.deliveries is not None:
+            self.deliveries.start_run()
+        attempt = 0
+        poll_only = self.mode == "poll"
+        while not self._stop:
+            try:
+                if poll_only:
+                    yield from self._poll()
+                else:
+                    yield from self._streaming()
+                return
+            except UNAVAILABLE as err:
+                if self.mode != "auto":
+                    raise
+                log.warning("logical decoding unavailable, polling instead: %s", err)
+                poll_only = True
+            except SlotLostError as err:
+                if self.mode == "stream" and not self.reconnect:
+                    raise
+                # The slot is gone: the next cycle recreates it and replays, under its snapshot,
+                # what the position does not cover (the poll path), then streams again.
+                log.error("%s; replaying from the checkpoint via the poller, then recreating the slot", err)
+                metrics.ERRORS.labels("slot_lost").inc()
+                self._drop_stream()
+            except (ConnectionLostError, ConnectError, psycopg.OperationalError) as err:
+                if not self.reconnect or self._stop:
+                    raise
+                self._drop_stream()
+                attempt += 1
+                delay = min(self.backoff_max, 0.5 * 2 ** min(attempt - 1, 10))
+                metrics.RECONNECTS.inc()
+                metrics.STATUS.connected = False
+                log.warning("%s; reconnecting in %.1f s (attempt %d)", err, delay, attempt)
+                self._sleep(delay)
+                continue
+            attempt = 0
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(min(0.1, deadline - time.monotonic()))
+
+    def _load_position(self) -> None:
+        saved = self.checkpoints.load()
+        self._position = saved or Position()
+        self._acked_lsn = self._position.lsn
+        from .holes import SeqWatermark
+
+        self._watermark = SeqWatermark(table=self.table, position=self._position, stale_after=self.stale_after)
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    # -- stream ---------------------------------------------------------------------------------
+
+    def _streaming(self) -> Iterator[Transaction]:
+        rs = ReplicationStream(self.dsn, self.slot)
+        self._stream = rs
+        rs.open()
+        metrics.STATUS.connected = True
+        info = rs.slot_info()
+        if info is not None and info.active_pid is not None:
+            raise SlotInUseError(
+                f"slot {self.slot!r} is in use by another process (pid {info.active_pid}): stop it, "
+                "or run this one as a standby (--standby) or with another --slot"
+            )
+        saved = self._acked_lsn
+        reason = None
+        if info is None:
+            reason = "slot does not exist"
+        elif info.wal_status == "lost":
+            reason = "slot was invalidated (wal_status lost)"
+        elif saved is None:
+            reason = "consumer has no stream position yet"
+        elif info.confirmed_flush is not None and info.confirmed_flush > saved:
+            reason = f"slot was advanced to {info.confirmed_flush}, past the consumer's checkpoint {saved}"
+        if reason is not None:
+            start = yield from self._handoff(rs, reason, drop=info is not None)
+            if start is None:
+                return
+        else:
+            assert saved is not None
+            start = saved
+        options = dict(PLUGIN_OPTIONS)
+        options["add-tables"] = f"{_escape_table(self.table.schema)}.{_escape_table(self.table.name)}"
+        rs.start(start, options)
+        metrics.STATUS.set_path("stream")
+        metrics.STATUS.slot_valid = True
+        self.path = "stream"
+        log.info("streaming from slot %s at %s on %s as consumer %s", self.slot, start,
+                 describe(self.dsn), self.consumer)
+        yield from self._stream_loop(rs)
+
+    def _handoff(self, rs: ReplicationStream, reason: str, *, drop: bool) -> Iterator[Transaction]:  # type: ignore[misc]
+        """(Re)create the slot with an exported snapshot and replay what the position lacks."""
+        from .polling import read_snapshot
+
+        log.warning("%s: replaying from seq %d under a new slot snapshot, then streaming",
+                    reason, self._position.seq)
+        if drop:
+            rs.drop_slot()
+        created = rs.create_slot(export_snapshot=True)
+        assert created.snapshot is not None
+        after = self._current_position()
+        metrics.STATUS.set_path("poll")
+        self.path = "poll"
+        count = 0
+        for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000):
+            count += len(tx.events)
+            yield from self._hand_over(tx)
+            if self._stop:
+                # Not finished: the consumer has no position at the slot's start, so the next
+                # run repeats the hand-off from the seq position saved now.
+                self._checkpoint(force=True)
+                return None
+        self._ack_pending()
+        self._acked_lsn = created.consistent_point
+        self._dirty = True
+        self._checkpoint(force=True)
+        log.info("hand-off: %d events replayed from the snapshot; streaming from %s", count,
+                 created.consistent_point)
+        return created.consistent_point
+
+    def _stream_loop(self, rs: ReplicationStream) -> Iterator[Transaction]:
+        decoder = Decoder(self.table, chunk_events=self.chunk_events)
+        skip_to = self._acked_lsn or Lsn(0)
+        endpos = self.endpos
+        batch: list[tuple[int, memoryview]] = []
+        feed = decoder.feed
+        status = metrics.STATUS
+        while not self._stop:
+            batch.clear()
+            got = rs.read(0.2, batch)
+            status.tick()
+            for start, payload in batch:
+                tx = feed(payload, start)
+                if tx is None:
+                    continue
+                end = tx.end_lsn
+                if endpos is not None and end is not None and end > endpos:
+                    self._finish_at_endpos()
+                    return
+                if end is not None and end <= skip_to:
+                    # Handled before the restart (the slot lags our checkpoint): mark, don't emit.
+                    self._mark_handled(tx)
+                    continue
+                if not tx.events:
+                    if tx.final and not self._pending:
+                        self._acked_lsn = end
+                        self._dirty = True
+                        if tx.commit_time is not None:
+                            metrics.LAG_SECONDS.set(max(0.0, time.time() - tx.commit_time.timestamp()))
+                    continue
+                yield from self._hand_over(tx)
+                if self._stop:
+                    break
+            if not got:
+                if endpos is not None and not decoder.in_transaction and rs.server_wal_end >= endpos:
+                    self._finish_at_endpos()
+                    return
+                if endpos is not None:
+                    rs.send_status(reply=True)  # the reply's WAL end tells us whether we are done
+            self._checkpoint(force=not got)
+            if time.monotonic() - rs.last_status_at >= self.status_interval:
+                rs.send_status()
+        if decoder.in_transaction and self._pending:
+            log.info("stopping inside transaction %s: it will be delivered again from its start",
+                     self._pending[-1].xid)
+
+    def _finish_at_endpos(self) -> None:
+        self._ack_pending()
+        self._checkpoint(force=True)
+        self._stop = True
+
+    # -- poll -----------------------------------------------------------------------------------
+
+    def _poll(self) -> Iterator[Transaction]:
+        from .polling import Poller
+
+        self._poller = poller = Poller(
+            pool=self.pool, table=self.table, position=self._current_position(),
+            interval=self.poll_interval, stale_after=self.stale_after,
+        )
+        metrics.STATUS.set_path("poll")
+        metrics.STATUS.connected = True
+        metrics.STATUS.slot_valid = None
+        self.path = "poll"
+        log.info("polling %s on %s as consumer %s from seq %d", self.table.qualified,
+                 describe(self.dsn), self.consumer, self._position.seq)
+        try:
+            while not self._stop:
+                txs = poller.poll(0.2)
+                metrics.STATUS.tick()
+                for tx in txs:
+                    yield from self._hand_over(tx)
+                    if self._stop:
+                        break
+                self._checkpoint(force=not txs)
+        finally:
+            poller.close()
+            self._poller = None
+
+    # -- acknowledgement --------------------------------------------------------------------------
+
+    def _hand_over(self, tx: Transaction) -> Iterator[Transaction]:
+        self._pending.append(tx)
+        # Counted here, published to Prometheus at checkpoints: a metric update per transaction
+        # (a lock and a label lookup) would cost more than decoding it.
+        self.delivered_transactions += tx.final
+        self.delivered_events += len(tx.events)
+        yield tx
+        if self.auto_ack:
+            self._ack_pending()
+
+    def _ack_pending(self) -> None:
+        for t in self._pending:
+            self._handled(t)
+        self._pending.clear()
+
+    def _handled(self, tx: Transaction) -> None:
+        self._mark_handled(tx)
+        if self.deliveries is not None:
+            self._acked.append(tx)
+        if tx.final and tx.end_lsn is not None:
+            self._acked_lsn = tx.end_lsn
+            if tx.commit_time is not None:
+                metrics.LAG_SECONDS.set(max(0.0, time.time() - tx.commit_time.timestamp()))
+        metrics.LAST_DELIVERY.set(time.time())
+        self._dirty = True
+
+    def _mark_handled(self, tx: Transaction) -> None:
+        if tx.events:
+            self._watermark.mark_handled([e.seq for e in tx.events])  # type: ignore[union-attr]
+
+    def _current_position(self) -> Position:
+        with self.pool.connection() as conn:
+            wm = self._watermark.advance(conn)  # type: ignore[union-attr]
+        self._position = Position(self._acked_lsn, wm.seq, wm.seqs_above)
+        return self._position
+
+    def _checkpoint(self, *, force: bool = False) -> None:
+        """Make what was handled durable (sink), save the position, then tell the slot."""
+        now = time.monotonic()
+        if not self._dirty or (not force and now - self._last_checkpoint < self.checkpoint_interval):
+            return
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
+        self._publish_counts()
+        if self.deliveries is not None and self._acked:
+            self.deliveries.record(self._acked)
+            self._acked = []
+        self.checkpoints.save(self._current_position())
+        self._dirty = False
+        self._last_checkpoint = now
+        if self._stream is not None and self._stream.streaming and self._acked_lsn is not None:
+            self._stream.acknowledge(self._acked_lsn)
+
+
+    _published = (0, 0)
+
+    def _publish_counts(self) -> None:
+        events, txs = self._published
+        path = self.path or "stream"
+        metrics.EVENTS.labels(path).inc(self.delivered_events - events)
+        metrics.TRANSACTIONS.labels(path).inc(self.delivered_transactions - txs)
+        self._published = (self.delivered_events, self.delivered_transactions)
+
+
+def _escape_table(name: str) -> str:
+    # wal2json's add-tables takes schema.table with backslash-escaped specials (",", ".", "*").
+    return "".join("\\" + c if c in ",.* \\" else c for c in name)
+
+
+class AsyncConsumer:
+    """The same feed for asyncio: ``async for tx in AsyncConsumer(...)``.
+
+    The protocol loop runs in a worker thread (the hot path stays the measured sync one); each
+    step is awaited, so the event loop never blocks on the socket.
+    """
+
+    def __init__(self, dsn: str | None = None, **kwargs: object):
+        self._args = (dsn, kwargs)
+        self._consumer: Consumer | None = None
+        self._iter: Iterator[Transaction] | None = None
+
+    async def __aenter__(self) -> AsyncConsumer:
+        dsn, kwargs = self._args
+        self._consumer = await asyncio.to_thread(lambda: Consumer(dsn, **kwargs))  # type: ignore[arg-type]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[Transaction]:
+        return self
+
+    async def __anext__(self) -> Transaction:
+        if self._consumer is None:
+            await self.__aenter__()
+        assert self._consumer is not None
+        if self._iter is None:
+            self._iter = iter(self._consumer)
+        it = self._iter
+        tx = await asyncio.to_thread(next, it, None)
+        if tx is None:
+            raise StopAsyncIteration
+        return tx
+
+    async def ack(self, tx: Transaction) -> None:
+        assert self._consumer is not None
+        self._consumer.ack(tx)
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stop()
+
+    async def aclose(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            consumer.stop()
+            await asyncio.to_thread(consumer.close)

@@ -1,0 +1,508 @@
+"""The poll path: a gap-safe sequence poller, history replay, and reads under an exported snapshot.
+
+The poller reads rows above its high-water mark (hwm) in seq order, a page per statement (one
+statement, one snapshot: the mark is never computed from two snapshots, see NOTES.md). Seq
+order is not commit order, so a page can show seq 7 while 5 is still in flight: 5 is a hole.
+Delivery stops at the first hole until holes.py proves it dead (its transaction rolled back) or
+the row shows up. A hole whose holder is still running is never skipped, however long it stays
+open; after `stale_after` seconds we only warn, naming the holder's pid.
+
+One poll cycle, in the order the proof needs:
+  1. pending holes: which of their holders are still alive (T3);
+  2. the page, a fresh snapshot (T4 > T3): missing seqs of cleared holes are dead;
+  3. holes new in this page: read the sequence's lock holders (T2 >= the page's snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import select
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import set_json_loads
+from psycopg_pool import ConnectionPool
+
+from . import metrics
+from .checkpoint import Position
+from .events import Event, Transaction
+from .holes import (
+    HoleTracker,
+    describe_stale,
+    live_holders,
+    seq_lock_holders,
+    sequence_oid,
+    transaction_ages,
+)
+from .sinks import Sink
+from .store import DEFAULT_TABLE, NOTIFY_CHANNEL, EventTable
+
+log = logging.getLogger("cdc.poll")
+
+_Row = tuple[Any, ...]
+
+
+class _Decode:
+    """Rows of `EventTable.select_list()` → Events. bytea payloads are JSON bytes; jsonb comes
+    already parsed (orjson as the connection's loader)."""
+
+    def __init__(self, table: EventTable):
+        self.bytea = tuple(i for i, col in ((4, table.data), (5, table.metadata))
+                           if col and table.payload_encoding.get(col) == "bytea")
+
+    def event(self, row: _Row) -> Event:
+        if self.bytea:
+            values = list(row[:7])
+            for i in self.bytea:
+                if values[i] is not None:
+                    raw = bytes(values[i])
+                    try:
+                        values[i] = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        values[i] = raw.hex()
+            row = tuple(values)
+        stream_id = row[1]
+        if type(stream_id) is not str:
+            stream_id = str(stream_id)
+        return Event(row[0], stream_id, row[2], row[3], row[4], row[5], row[6])
+
+
+def _select(table: EventTable, where: sql.Composable, limit: bool) -> sql.Composed:
+    return sql.SQL("SELECT {cols} FROM {table} WHERE {where} ORDER BY {seq}{limit}").format(
+        cols=table.select_list(), table=table.ident(), where=where, seq=sql.Identifier(table.seq),
+        limit=sql.SQL(" LIMIT %(limit)s") if limit else sql.SQL(""),
+    )
+
+
+class Poller:
+    """Committed events in seq order, nothing skipped that may still commit.
+
+    `poll(timeout)` returns the transactions ready now (consecutive rows of one xid form one
+    transaction), waiting up to `timeout` when none is. `position` is where a restart resumes.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: ConnectionPool,
+        table: EventTable = DEFAULT_TABLE,
+        position: Position | None = None,
+        page_size: int = 1000,
+        interval: float = 0.1,
+        stale_after: float = 3.0,
+        listen: bool = True,
+    ):
+        self.pool = pool
+        self.table = table
+        start = position or Position()
+        self.high_water_mark = start.seq
+        # Handled before we started (the stream's seqs_above): present in the table, not re-emitted.
+        self._skip = {s for s in start.seqs_above if s > start.seq}
+        self.page_size = page_size
+        self.interval = interval
+        self.tracker = HoleTracker(stale_after=stale_after)
+        self._decode = _Decode(table)
+        self._has_xid = table.xid is not None
+        self._query = _select(table, sql.SQL("{} > %(after)s").format(sql.Identifier(table.seq)), True)
+        self._seq_oid: int | None = None
+        # The last transaction handed out when it reached the end of a full page: it may go on.
+        self._open_xid: int | None = None
+        self._open_part = 0
+        self._listener: psycopg.Connection | None = None
+        if listen:
+            self._listener = psycopg.connect(pool.conninfo, autocommit=True, **_connect_kwargs(pool))
+            self._listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+
+    @property
+    def position(self) -> Position:
+        hwm = self.high_water_mark
+        return Position(None, hwm, frozenset(s for s in self._skip if s > hwm))
+
+    def poll(self, timeout: float) -> list[Transaction]:
+        deadline = time.monotonic() + timeout
+        while True:
+            txs, again = self._cycle()
+            if txs:
+                return txs
+            if again:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._wait(min(remaining, self.interval))
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        metrics.HOLE_AGE.set(0)
+        metrics.HOLE_HOLDER.set(0)
+
+    def __enter__(self) -> Poller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one cycle ------------------------------------------------------------------------------
+
+    def _cycle(self) -> tuple[list[Transaction], bool]:
+        """One page: (transactions ready, whether to read again at once)."""
+        tracker = self.tracker
+        with self.pool.connection() as conn:
+            if self._seq_oid is None:
+                self._seq_oid = sequence_oid(conn, self.table)
+                set_json_loads(orjson.loads, conn)
+            if tracker.waiting():
+                tracker.check(live_holders(conn, tracker.watched(), self._seq_oid))  # T3
+            rows = conn.execute(self._query, {"after": self.high_water_mark, "limit": self.page_size}).fetchall()  # T4
+            scan = tracker.scan(self.high_water_mark, [r[0] for r in rows])
+            if scan.new_gaps:
+                tracker.add(scan.new_gaps, seq_lock_holders(conn, self._seq_oid), time.monotonic())
+            now = time.monotonic()
+            for stale in tracker.stale(now):
+                log.warning(describe_stale(stale, transaction_ages(conn, [p for p in stale.pids if p])))
+        age, pid = tracker.oldest(now)
+        metrics.HOLE_AGE.set(age)
+        metrics.HOLE_HOLDER.set(pid)
+        if scan.dead:
+            log.debug("passed dead seqs %s", scan.dead)
+
+        ready = rows[:scan.ready]
+        hwm = scan.high_water_mark
+        full = len(rows) == self.page_size
+        open_end = full and scan.ready == len(rows) and self._has_xid
+        txs: list[Transaction] = []
+        if self._open_xid is not None and (not ready or ready[0][0] != self.high_water_mark + 1
+                                           or ready[0][7] != self._open_xid):
+            # The transaction cut at the last page end did not go on: close it.
+            txs.append(Transaction(self._open_xid, None, None, None, [], "poll", self._open_part, True))
+            self._open_xid = None
+        if full and ready and scan.ready == len(rows) and self._has_xid:
+            # The page ends inside what may be one transaction: keep its trailing run for the
+            # next page, unless the run is the whole page (then hand it out as a part).
+            last_xid = ready[-1][7]
+            cut = len(ready)
+            while cut > 0 and ready[cut - 1][7] == last_xid:
+                cut -= 1
+            if cut > 0:
+                hwm = ready[cut][0] - 1
+                ready = ready[:cut]
+                open_end = False
+        txs.extend(self._group(ready, open_end=open_end))
+        if hwm > self.high_water_mark:
+            self.high_water_mark = hwm
+            if self._skip:
+                self._skip = {s for s in self._skip if s > hwm}
+        # Read again at once: a full page, or holes proven dead or with no holder at all.
+        again = (full and scan.ready > 0) or (bool(scan.new_gaps) and not tracker.waiting())
+        return [t for t in txs if t.events or not t.final or t.part > 0], again
+
+    def _group(self, rows: Sequence[_Row], *, open_end: bool) -> list[Transaction]:
+        out: list[Transaction] = []
+        if not rows:
+            return out
+        event, skip = self._decode.event, self._skip
+        if not self._has_xid:
+            events = [event(r) for r in rows if r[0] not in skip]
+            return [Transaction(None, None, None, None, events, "poll")] if events else []
+        run: list[Event] = []
+        xid = rows[0][7]
+        for r in rows:
+            if r[7] != xid:
+                out.append(self._tx(xid, run, final=True))
+                run, xid = [], r[7]
+            if r[0] not in skip:
+                run.append(event(r))
+        out.append(self._tx(xid, run, final=not open_end))
+        return [t for t in out if t.events or t.part > 0]
+
+    def _tx(self, xid: int, events: list[Event], *, final: bool) -> Transaction:
+        part = self._open_part + 1 if xid == self._open_xid else 0
+        if xid == self._open_xid:
+            self._open_xid = None
+        if not final:
+            self._open_xid, self._open_part = xid, part
+        return Transaction(xid, None, None, None, events, "poll", part, final)
+
+    def _wait(self, seconds: float) -> None:
+        listener = self._listener
+        if listener is None:
+            time.sleep(seconds)
+            return
+        # Any notification wakes us; drain what is queued so one burst costs one cycle.
+        ready = select.select([listener.fileno()], [], [], seconds)[0]
+        if ready:
+            for _ in listener.notifies(timeout=0.0):
+                pass
+
+
+def _connect_kwargs(pool: ConnectionPool) -> dict[str, Any]:
+    kwargs = dict(pool.kwargs or {})
+    kwargs.pop("autocommit", None)
+    return kwargs
+
+
+# -- replay ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    events: int
+    transactions: int
+    seconds: float
+    rate: float
+
+
+def proven_upper_bound(conn: psycopg.Connection, table: EventTable, to_seq: int | None, *,
+                       interval: float = 0.05, stale_after: float = 3.0) -> int:
+    """The largest seq (<= to_seq) below which every seq that will ever commit is visible now.
+
+    The hole rule applied to all holes below max(seq) at once: read the max (one snapshot),
+    then the sequence's lock holders; once all of them have ended, any later snapshot shows
+    every committed seq up to that max. Waits (warning like the poller) while a holder runs.
+    """
+    oid = sequence_oid(conn, table)
+    seq = sql.Identifier(table.seq)
+    if to_seq is None:
+        row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(seq, table.ident())).fetchone()
+    else:
+        row = conn.execute(sql.SQL("SELECT max({}) FROM {} WHERE {} <= %s").format(seq, table.ident(), seq),
+                           (to_seq,)).fetchone()
+    top = int(row[0]) if row and row[0] is not None else 0
+    holders = seq_lock_holders(conn, oid)
+    started, warned = time.monotonic(), 0.0
+    while holders:
+        holders = live_holders(conn, holders, oid)
+        if not holders:
+            break
+        now = time.monotonic()
+        if now - started >= stale_after and now - warned >= 5.0:
+            warned = now
+            pids = sorted(p for p in holders.values() if p is not None)
+            log.warning("replay waits for the transactions holding the sequence to end, pids %s "
+                        "(a seq below %d may still commit)", pids or "prepared", top)
+        time.sleep(interval)
+    return top
+
+
+class _Progress:
+    """events, rate and ETA on stderr, when it is a terminal, at most 10 times a second."""
+
+    def __init__(self, first: int, last: int, enabled: bool):
+        self.first, self.last = first, last
+        self.enabled = enabled and sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def update(self, events: int, seq: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.shown < 0.1:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        rate = events / elapsed if elapsed > 0 else 0.0
+        span = max(self.last - self.first, 1)
+        done = min(max(seq - self.first, 0) / span, 1.0)
+        eta = elapsed * (1 - done) / done if done > 0 else 0.0
+        sys.stderr.write(f"\r{events:,} events  {rate:,.0f}/s  {done:4.0%}  ETA {eta:,.0f} s  ")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+
+
+def replay(
+    source: ConnectionPool | str,
+    *,
+    table: EventTable = DEFAULT_TABLE,
+    from_seq: int = 0,
+    to_seq: int | None = None,
+    sink: Sink,
+    progress: bool = True,
+    batch: int = 10_000,
+) -> ReplaySummary:
+    """Hand every committed event with from_seq < seq <= to_seq to `sink`, in seq order, fast.
+
+    Ends at a proven bound (`proven_upper_bound`): nothing below it can still commit, so a
+    poller started at the returned bound misses nothing. One snapshot; text COPY parsed here
+    (see `_copy_text`); tables with bytea/text payloads go through a server-side cursor.
+    """
+    if isinstance(source, str):
+        with psycopg.connect(source, autocommit=True) as conn:
+            return _replay(conn, table, from_seq, to_seq, sink, progress, batch)
+    with source.connection() as conn:
+        return _replay(conn, table, from_seq, to_seq, sink, progress, batch)
+
+
+def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: int | None,
+            sink: Sink, progress: bool, batch: int) -> ReplaySummary:
+    started = time.monotonic()
+    top = proven_upper_bound(conn, table, to_seq)
+    bar = _Progress(from_seq, top, progress)
+    events = transactions = 0
+    if top > from_seq:
+        for tx in _read_range(conn, table, from_seq, top, batch):
+            sink.write(tx)
+            events += len(tx.events)
+            transactions += 1 if tx.final else 0
+            bar.update(events, tx.events[-1].seq if tx.events else from_seq)
+    sink.flush()
+    bar.end()
+    seconds = time.monotonic() - started
+    rate = events / seconds if seconds > 0 else 0.0
+    sys.stderr.write(f"replayed {events:,} events ({transactions:,} transactions) in {seconds:.2f} s, "
+                     f"{rate:,.0f} events/s\n")
+    return ReplaySummary(events, transactions, seconds, rate)
+
+
+def _read_range(conn: psycopg.Connection, table: EventTable, after: int, upto: int,
+                batch: int) -> Iterator[Transaction]:
+    where = sql.SQL("{seq} > %(after)s AND {seq} <= %(upto)s").format(seq=sql.Identifier(table.seq))
+    query = _select(table, where, False)
+    autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.transaction():
+            if all(table.payload_encoding.get(c, "jsonb") == "jsonb" for c in (table.data, table.metadata) if c):
+                yield from _copy_text(conn, table, query, {"after": after, "upto": upto}, batch)
+            else:
+                yield from _rows_to_transactions(conn, table, query, {"after": after, "upto": upto},
+                                                 frozenset(), batch)
+    finally:
+        conn.autocommit = autocommit
+
+
+# COPY text escapes on output: backslash, and the control characters below.
+_UNESCAPE = {b"\\\\": b"\\", b"\\b": b"\b", b"\\f": b"\f", b"\\n": b"\n", b"\\r": b"\r",
+             b"\\t": b"\t", b"\\v": b"\v"}
+_ESCAPED = re.compile(rb"\\[\\bfnrtv]")
+_EVENT_SLOTS = tuple(Event.__dict__[f].__set__ for f in
+                     ("seq", "stream_id", "version", "type", "data", "metadata", "created_at"))
+
+
+def _unescape(field: bytes) -> bytes:
+    return _ESCAPED.sub(lambda m: _UNESCAPE[m.group()], field) if b"\\" in field else field
+
+
+def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
+               params: dict[str, Any], batch: int) -> Iterator[Transaction]:
+    """The replay hot path: `COPY (SELECT ...) TO STDOUT` in text, parsed here.
+
+    Measured on 1M rows (2 cores): ~1.8x a binary server-side cursor and ~1.7x binary COPY
+    through psycopg's row loaders. What costs is Python per row, so: one split per line,
+    orjson on the jsonb text, a timestamp parsed once per distinct value (a transaction's rows
+    share now()), and Events filled through their slots (the frozen __init__ costs ~0.5 µs more).
+    """
+    conn.execute("SET LOCAL DateStyle = ISO")
+    copy_sql = sql.SQL("COPY ({}) TO STDOUT").format(query)
+    loads, fromiso, new = orjson.loads, datetime.fromisoformat, object.__new__
+    s_seq, s_stream, s_version, s_type, s_data, s_meta, s_created = _EVENT_SLOTS
+    null = b"\\N"
+    has_xid = table.xid is not None
+    last_ts: bytes | None = None
+    last_dt: datetime | None = None
+    run: list[Event] = []
+    xid_text: bytes | None = None
+    part = 0
+    with conn.cursor() as cur, cur.copy(copy_sql, params) as copy:
+        rest = b""
+        for chunk in copy:
+            lines = (rest + bytes(chunk)).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                f = line.split(b"\t")
+                if f[7] != xid_text:
+                    if run or part:
+                        yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, True)
+                    run, xid_text, part = [], f[7], 0
+                elif len(run) >= batch:
+                    yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, not has_xid)
+                    run, part = [], (part + 1 if has_xid else 0)
+                e = new(Event)
+                s_seq(e, int(f[0]))
+                s_stream(e, _unescape(f[1]).decode())
+                s_version(e, None if f[2] == null else int(f[2]))
+                s_type(e, None if f[3] == null else _unescape(f[3]).decode())
+                s_data(e, None if f[4] == null else loads(_unescape(f[4])))
+                s_meta(e, None if f[5] == null else loads(_unescape(f[5])))
+                ts = f[6]
+                if ts != last_ts:
+                    last_ts, last_dt = ts, (None if ts == null else fromiso(ts.decode()))
+                s_created(e, last_dt)
+                run.append(e)
+    if run or part:
+        yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, True)
+
+
+def _xid(text: bytes | None) -> int | None:
+    return None if text is None or text == b"\\N" else int(text)
+
+
+def _rows_to_transactions(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
+                          params: dict[str, Any], skip: frozenset[int], batch: int) -> Iterator[Transaction]:
+    """Stream `query`'s rows through a server-side cursor as poll Transactions: consecutive
+    rows of one xid are one transaction, handed out in parts of at most `batch` events."""
+    set_json_loads(orjson.loads, conn)
+    event = _Decode(table).event
+    has_xid = table.xid is not None
+    with conn.cursor(name="cdc_read", binary=True) as cur:
+        cur.itersize = batch
+        cur.execute(query, params)
+        run: list[Event] = []
+        xid: int | None = None
+        part = 0
+        while True:
+            rows = cur.fetchmany(batch)
+            if not rows:
+                break
+            if not has_xid:
+                events = [event(r) for r in rows if r[0] not in skip]
+                if events:
+                    yield Transaction(None, None, None, None, events, "poll")
+                continue
+            for r in rows:
+                if r[7] != xid:
+                    if run or part:
+                        yield Transaction(xid, None, None, None, run, "poll", part, True)
+                    run, xid, part = [], r[7], 0
+                if not skip or r[0] not in skip:
+                    run.append(event(r))
+            if len(run) >= batch:
+                yield Transaction(xid, None, None, None, run, "poll", part, False)
+                run, part = [], part + 1
+        if run or part:
+            yield Transaction(xid, None, None, None, run, "poll", part, True)
+
+
+def read_snapshot(
+    dsn: str,
+    snapshot: str,
+    *,
+    table: EventTable = DEFAULT_TABLE,
+    after: Position,
+    batch: int = 10_000,
+) -> Iterator[Transaction]:
+    """Every row with seq > after.seq, not in after.seqs_above, as of an exported snapshot.
+
+    For the poll → stream hand-off: the slot's exported snapshot is the exact boundary, so no
+    gap checks are needed. REPEATABLE READ with SET TRANSACTION SNAPSHOT as its first statement;
+    the exporting connection must keep the snapshot valid until the first batch has arrived.
+    """
+    where = sql.SQL("{seq} > %(after)s").format(seq=sql.Identifier(table.seq))
+    query = _select(table, where, False)
+    with psycopg.connect(dsn) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            yield from _rows_to_transactions(conn, table, query, {"after": after.seq},
+                                             frozenset(after.seqs_above), batch)

@@ -1,0 +1,248 @@
+"""The sidecar: a Consumer wired to a sink, with retries and dead letters, the HTTP endpoint,
+heartbeats, the shadow reconciler and standby. `cdc run` is this plus argument parsing."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import orjson
+import psycopg
+
+from . import metrics
+from .checkpoint import Projection
+from .config import Settings
+from .connection import connect, resolve_dsn
+from .consumer import Consumer
+from .errors import CdcError, SinkError, SlotInUseError
+from .events import Lsn, Transaction
+from .sinks import Sink, load_callable, open_sink
+from .store import DEFAULT_TABLE, EventTable
+
+log = logging.getLogger("cdc.run")
+
+
+def table_for(settings: Settings) -> EventTable:
+    """The events table the settings name (a preset, or the default cdc.events)."""
+    if settings.preset in (None, "cdc") and settings.table is None:
+        return DEFAULT_TABLE
+    from .presets import table_for as preset_table
+
+    return preset_table(settings.preset, settings.table)
+
+
+class Delivery:
+    """Hands each transaction to the sink, retrying; after `max_attempts` failures it stops,
+    or parks the transaction in cdc.dead_letters and goes on. Nothing is dropped silently."""
+
+    def __init__(self, sink: Sink, settings: Settings, dsn: str, stop: threading.Event):
+        self.sink = sink
+        self.settings = settings
+        self.dsn = dsn
+        self.stop = stop
+
+    def __call__(self, tx: Transaction) -> None:
+        attempts = self.settings.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                self.sink.write(tx)
+                return
+            except Exception as err:  # a user's handler may raise anything
+                metrics.ERRORS.labels("sink").inc()
+                first = tx.events[0].seq if tx.events else None
+                log.warning("sink failed on transaction xid=%s lsn=%s seq=%s (attempt %d/%d): %s",
+                            tx.xid, tx.commit_lsn, first, attempt, attempts, _one_line(err))
+                if self.stop.is_set() or isinstance(err, SinkError) and "stopped" in str(err):
+                    raise
+                if attempt == attempts:
+                    if self.settings.on_poison == "dead-letter":
+                        self._dead_letter(tx, err, attempts)
+                        return
+                    raise SinkError(
+                        f"giving up on transaction xid={tx.xid} lsn={tx.commit_lsn} after {attempts} attempts: "
+                        f"{_one_line(err)} (not acknowledged; fix the sink and restart, or use --on-poison dead-letter)"
+                    ) from None
+                self.stop.wait(min(5.0, 0.2 * 2 ** (attempt - 1)))
+
+    def _dead_letter(self, tx: Transaction, err: Exception, attempts: int) -> None:
+        with connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO cdc.dead_letters (consumer, xid, commit_lsn, seqs, records, error, attempts) "
+                "VALUES (%s, %s, %s::pg_lsn, %s, %s::jsonb, %s, %s)",
+                (self.settings.consumer, tx.xid, str(tx.commit_lsn) if tx.commit_lsn else None,
+                 [e.seq for e in tx.events], orjson.dumps(tx.records()).decode(), _one_line(err), attempts),
+            )
+        metrics.DEAD_LETTERS.inc(len(tx.events))
+        log.error("moved transaction xid=%s lsn=%s (%d events) to cdc.dead_letters: %s",
+                  tx.xid, tx.commit_lsn, len(tx.events), _one_line(err))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+class Heartbeat:
+    """Writes a logical message every `interval` s while the feed is idle, so the slot's position
+    advances (WAL is not held back) and lag is measured even without events."""
+
+    def __init__(self, dsn: str, interval: float, consumer: Consumer):
+        self.dsn = dsn
+        self.interval = interval
+        self.consumer = consumer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cdc-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        conn: psycopg.Connection | None = None
+        seen = -1
+        while not self._stop.wait(self.interval):
+            if self.consumer.path != "stream":
+                continue
+            if self.consumer.delivered_events != seen:
+                seen = self.consumer.delivered_events
+                continue
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(self.dsn, autocommit=True)
+                conn.execute("SELECT pg_logical_emit_message(true, 'cdc', %s)", (f"heartbeat {time.time():.6f}",))
+            except (psycopg.Error, CdcError) as err:
+                log.debug("heartbeat failed: %s", err)
+                conn = None
+
+
+def run(settings: Settings) -> int:
+    """`cdc run`: deliver until stopped (SIGTERM/SIGINT) or --endpos; returns the exit code."""
+    dsn = resolve_dsn(settings.dsn)
+    table = table_for(settings)
+    stop = threading.Event()
+    consumer_ref: list[Consumer] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stop.is_set():
+            log.info("received %s: finishing the current transaction, then stopping", signal.Signals(signum).name)
+        stop.set()
+        for c in consumer_ref:
+            c.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    server = None
+    if settings.http_port is not None:
+        from .http import serve
+
+        server = serve(settings.http_host, settings.http_port,
+                       ready_max_lag_seconds=settings.ready_max_lag_seconds,
+                       ready_max_lag_bytes=settings.ready_max_lag_bytes)
+        log.info("health and metrics on http://%s:%d/ (healthz, readyz, metrics)", settings.http_host, server.port)
+
+    projection_conn = None
+    try:
+        while True:
+            try:
+                sink, projection_conn = _open_sink(settings, dsn, stop)
+                consumer = Consumer(
+                    dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
+                    endpos=Lsn.parse(settings.endpos) if settings.endpos else None,
+                    chunk_events=settings.chunk_events, status_interval=settings.status_interval,
+                    checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
+                    stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
+                    record_deliveries=settings.record_deliveries or settings.reconcile,
+                    reconnect=True,
+                )
+            except Exception:
+                if projection_conn is not None:
+                    projection_conn.close()
+                raise
+            consumer_ref[:] = [consumer]
+            if stop.is_set():
+                consumer.stop()
+            return _drive(consumer, sink, settings, dsn, stop)
+    except SlotInUseError:
+        if not settings.standby or stop.is_set():
+            raise
+        return 0
+    finally:
+        if projection_conn is not None:
+            projection_conn.close()
+        if server is not None:
+            server.close()
+
+
+def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sink, psycopg.Connection | None]:
+    if settings.sink.startswith("python:"):
+        handler = load_callable(settings.sink.removeprefix("python:"))
+        conn = connect(dsn, autocommit=True)
+        return Projection(handler, conn, consumer=settings.consumer), conn  # type: ignore[arg-type]
+    if settings.sink.startswith("webhook:"):
+        from .webhook import WebhookSink
+
+        return WebhookSink(settings.sink.removeprefix("webhook:"), secret=settings.webhook_secret,
+                           stop_event=stop), None
+    return open_sink(settings.sink), None
+
+
+def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: threading.Event) -> int:
+    deliver = Delivery(sink, settings, dsn, stop)
+    helpers: list[Any] = []
+    if settings.http_port is not None:
+        from .http import SlotMonitor
+
+        helpers.append(SlotMonitor(dsn, settings.slot))
+    if settings.heartbeat_interval > 0 and settings.mode != "poll":
+        helpers.append(Heartbeat(dsn, settings.heartbeat_interval, consumer))
+    if settings.reconcile:
+        from .reconcile import ShadowReconciler
+
+        helpers.append(ShadowReconciler(consumer.pool, settings.consumer,
+                                        stale_threshold=settings.stale_threshold, table=consumer.table))
+    for h in helpers:
+        h.start()
+    try:
+        while True:
+            try:
+                for tx in consumer:
+                    deliver(tx)
+                return 0
+            except SlotInUseError:
+                if not settings.standby or stop.is_set():
+                    raise
+                metrics.STATUS.standby = True
+                metrics.STATUS.tick()
+                log.info("slot %s is in use: standing by", settings.slot)
+                while not stop.wait(1.0):
+                    metrics.STATUS.tick()
+                    if _slot_free(consumer.pool, settings.slot):
+                        break
+                if stop.is_set():
+                    return 0
+                metrics.STATUS.standby = False
+                log.info("slot %s is free: taking over", settings.slot)
+    finally:
+        for h in helpers:
+            h.stop()
+        try:
+            consumer.close()
+        finally:
+            sink.close()
+        log.info("stopped: %d events in %d transactions delivered", consumer.delivered_events,
+                 consumer.delivered_transactions)
+
+
+def _slot_free(pool: Any, slot: str) -> bool:
+    try:
+        with pool.connection() as conn:
+            row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+        return row is None or row[0] is None
+    except psycopg.Error:
+        return False

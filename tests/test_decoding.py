@@ -1,0 +1,113 @@
+"""The wal2json v2 decoder as a pure function: messages in, transactions out."""
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdc.decoding import Decoder
+from cdc.errors import DecodeError, UnsupportedChangeError
+from cdc.events import Lsn
+
+
+def b(xid=7, lsn="0/100", nextlsn="0/130"):
+    return orjson.dumps({"action": "B", "xid": xid, "timestamp": "2026-11-26 06:53:12.583036+00", "lsn": lsn, "nextlsn": nextlsn})
+
+
+def c(xid=7, lsn="0/100", nextlsn="0/130"):
+    return orjson.dumps({"action": "C", "xid": xid, "timestamp": "2026-11-26 06:53:12.583036+00", "lsn": lsn, "nextlsn": nextlsn})
+
+
+def i(seq, stream="s", version=1, data='{"a": 1}', xid=7, extra=None):
+    cols = [
+        {"name": "seq", "type": "bigint", "value": seq},
+        {"name": "stream_id", "type": "text", "value": stream},
+        {"name": "version", "type": "bigint", "value": version},
+        {"name": "type", "type": "text", "value": "T"},
+        {"name": "data", "type": "jsonb", "value": data},
+        {"name": "metadata", "type": "jsonb", "value": "{}"},
+        {"name": "created_at", "type": "timestamp with time zone", "value": "2026-11-26 06:53:12.580681+00"},
+        {"name": "xid", "type": "xid8", "value": str(xid)},
+    ] + (extra or [])
+    return orjson.dumps({"action": "I", "xid": xid, "lsn": "0/F0", "schema": "cdc", "table": "events", "columns": cols})
+
+
+def test_transaction_carries_commit_and_end_lsn_and_decoded_json():
+    d = Decoder()
+    assert d.feed(b()) is None
+    assert d.feed(i(1, data='{"x": [1, 2]}')) is None
+    tx = d.feed(c())
+    assert tx.xid == 7 and tx.commit_lsn == Lsn.parse("0/100") and tx.end_lsn == Lsn.parse("0/130")
+    assert tx.events[0].data == {"x": [1, 2]} and tx.events[0].metadata == {}
+    assert tx.events[0].created_at.year == 2026 and tx.final and tx.source == "stream"
+
+
+def test_empty_transaction_is_emitted_for_acknowledgement():
+    d = Decoder()
+    d.feed(b())
+    tx = d.feed(c())
+    assert tx.events == [] and tx.end_lsn == Lsn.parse("0/130")
+
+
+def test_huge_transaction_comes_in_parts_ending_with_the_commit():
+    d = Decoder(chunk_events=3)
+    d.feed(b())
+    parts = [t for t in (d.feed(i(n)) for n in range(1, 8)) if t]
+    parts.append(d.feed(c()))
+    assert [len(p.events) for p in parts] == [3, 3, 1]
+    assert [p.final for p in parts] == [False, False, True]
+    assert [p.part for p in parts] == [0, 1, 2]
+    assert all(p.end_lsn == Lsn.parse("0/130") for p in parts)
+
+
+def test_truncate_stops_the_feed():
+    d = Decoder()
+    d.feed(b())
+    with pytest.raises(UnsupportedChangeError, match="TRUNCATE"):
+        d.feed(orjson.dumps({"action": "T", "xid": 7, "schema": "cdc", "table": "events"}))
+
+
+def test_unknown_column_means_the_table_was_altered():
+    d = Decoder()
+    d.feed(b())
+    with pytest.raises(UnsupportedChangeError, match="altered"):
+        d.feed(i(1, extra=[{"name": "tenant", "type": "text", "value": "x"}]))
+
+
+def test_unknown_table_is_a_decode_error_with_lsn_and_raw_text():
+    d = Decoder()
+    d.feed(b())
+    msg = orjson.dumps({"action": "I", "xid": 7, "schema": "public", "table": "other", "columns": []})
+    with pytest.raises(DecodeError) as info:
+        d.feed(msg, 0x1234)
+    assert info.value.lsn == 0x1234 and b"other" in info.value.raw
+    assert "0/1234" in str(info.value)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'{"action":"I"}', b'{"action":"C","xid":1}', b"\xff\xfe", b'{"action":"Z"}'])
+def test_malformed_messages_raise_decode_error(raw):
+    with pytest.raises(DecodeError):
+        Decoder().feed(raw, 42)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_decode_silently(raw):
+    d = Decoder()
+    try:
+        out = d.feed(raw, 1)
+    except (DecodeError, UnsupportedChangeError):
+        return
+    # Whatever was accepted must be a well-formed message: never a half-read transaction.
+    assert out is None or out.end_lsn is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 400))
+def test_truncated_valid_messages_raise(cut, seq):
+    msg = i(seq)
+    d = Decoder()
+    d.feed(b())
+    if cut < len(msg):
+        with pytest.raises(DecodeError):
+            d.feed(msg[:cut], 5)
