@@ -221,7 +221,7 @@ def _replay(args: argparse.Namespace) -> int:
     sink = open_sink(args.sink)
     pool = open_pool(dsn, name="cdc-replay")
     try:
-        replay(pool, table=table, from_seq=args.from_seq, to_seq=args.to_seq, sink=sink,
+        replay(pool, table=table, from_seq=args.from_seq - 1, to_seq=args.to_seq, sink=sink,
                progress=sys.stderr.isatty())
     finally:
         sink.close()

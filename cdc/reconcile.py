@@ -51,7 +51,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 import psycopg
@@ -750,20 +750,24 @@ def run_cli(
     consumer: str,
     json: bool,
     *,
-    since: datetime | None = None,
+    since: datetime | str | None = None,
     stale_threshold: float = DEFAULT_STALE_THRESHOLD,
     table: EventTable = DEFAULT_TABLE,
 ) -> tuple[int, str]:
-    """`cdc reconcile`: (exit code, stdout). 0 the paths agree, 1 they do not, 2 an error."""
+    """`cdc reconcile`: (exit code, stdout). 0 the paths agree, 1 they do not, 2 an error.
+
+    `since`: a datetime, ISO 8601 text, or an age such as ``90s``, ``10m``, ``2h``, ``1d``.
+    """
     import orjson
 
     from .errors import CdcError
 
     try:
+        since = parse_since(since)
         with psycopg.connect(dsn) as conn:
             report = reconcile_conn(conn, consumer=consumer, since=since, stale_threshold=stale_threshold,
                                     table=table)
-    except (psycopg.Error, CdcError, OSError) as err:
+    except (psycopg.Error, CdcError, OSError, ValueError) as err:
         from .connection import mask
 
         text = mask(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
@@ -774,3 +778,20 @@ def run_cli(
     if json:
         return code, orjson.dumps(report.to_json(), option=orjson.OPT_NON_STR_KEYS).decode() + "\n"
     return code, "\n".join(report.summary_lines()) + "\n"
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: datetime | str | None) -> datetime | None:
+    """A datetime, ISO 8601 text (UTC when no zone), or an age like ``10m`` (ago, from now)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    text = value.strip()
+    if text and text[-1] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(timezone.utc) - timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {value!r}: expected ISO 8601 (2024-05-01T12:00) or an age (90s, 10m, 2h, 1d)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

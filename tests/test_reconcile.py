@@ -279,6 +279,10 @@ def test_cli_exit_codes(dsn, pool, conn):
     doc = orjson.loads(out)
     assert code == 0 and doc["agrees"] and doc["missing"] == [] and doc["counts"]["delivered"] == 2
     assert {"missing", "duplicates", "order_violations", "inversions", "window", "counts"} <= set(doc)
+    code, out = run_cli(dsn, "c", json=True, since="10m")
+    assert code == 0 and orjson.loads(out)["counts"]["delivered"] == 2
+    code, out = run_cli(dsn, "c", json=False, since="yesterday-ish")
+    assert code == 2 and "--since" in out
     code, out = run_cli("host=/nonexistent port=1 dbname=x connect_timeout=1", "c", json=False)
     assert code == 2 and out.startswith("cdc reconcile:")
 
