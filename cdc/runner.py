@@ -120,6 +120,33 @@ class Heartbeat:
                 conn = None
 
 
+class Pruner:
+    """Keeps the delivery record within its retention: once a minute, off the delivery path."""
+
+    def __init__(self, consumer: Consumer, retention_seconds: float, every: float = 60.0):
+        self.consumer = consumer
+        self.retention = retention_seconds
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cdc-prune", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                assert self.consumer.deliveries is not None
+                removed = self.consumer.deliveries.prune(self.retention)
+                if removed:
+                    log.info("pruned %d delivery records older than %.0f h", removed, self.retention / 3600)
+            except (psycopg.Error, CdcError) as err:
+                log.warning("pruning the delivery record failed: %s", _one_line(err))
+
+
 def run(settings: Settings) -> int:
     """`cdc run`: deliver until stopped (SIGTERM/SIGINT) or --endpos; returns the exit code."""
     dsn = resolve_dsn(settings.dsn)
@@ -195,17 +222,23 @@ def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sin
 def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: threading.Event) -> int:
     deliver = Delivery(sink, settings, dsn, stop)
     helpers: list[Any] = []
-    if settings.http_port is not None:
+    if settings.http_port is not None and settings.mode != "poll":
         from .http import SlotMonitor
 
         helpers.append(SlotMonitor(dsn, settings.slot))
     if settings.heartbeat_interval > 0 and settings.mode != "poll":
         helpers.append(Heartbeat(dsn, settings.heartbeat_interval, consumer))
+    shadow_pool = None
     if settings.reconcile:
+        from .connection import open_pool
         from .reconcile import ShadowReconciler
 
-        helpers.append(ShadowReconciler(consumer.pool, settings.consumer,
+        # Its own pool: a reconcile round must never make a checkpoint save wait.
+        shadow_pool = open_pool(dsn, max_size=2, name="cdc-reconcile")
+        helpers.append(ShadowReconciler(shadow_pool, settings.consumer,
                                         stale_threshold=settings.stale_threshold, table=consumer.table))
+    if consumer.deliveries is not None:
+        helpers.append(Pruner(consumer, settings.delivery_retention_hours * 3600))
     for h in helpers:
         h.start()
     try:
@@ -235,6 +268,8 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
             consumer.close()
         finally:
             sink.close()
+            if shadow_pool is not None:
+                shadow_pool.close()
         log.info("stopped: %d events in %d transactions delivered", consumer.delivered_events,
                  consumer.delivered_transactions)
 
