@@ -49,13 +49,15 @@ def describe(dsn: str) -> str:
 
 def connect_error(err: Exception, dsn: str) -> Exception:
     """The user-facing error for a failed connection attempt."""
-    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-    if "replication role" in str(err) or "must be superuser or replication" in str(err):
+    # libpq's message spans lines ("connection to server ... failed: Connection refused",
+    # "\tIs the server running ..."): keep all of it, on one line.
+    text = " ".join(part.strip() for part in str(err).strip().splitlines() if part.strip()) or type(err).__name__
+    if "replication role" in text or "must be superuser or replication" in text:
         return ReplicationPrivilegeError(
             "the role may not stream changes: ALTER ROLE <user> REPLICATION (or use --mode poll)"
         )
-    if isinstance(err, psycopg.ProgrammingError) and "invalid" in text.lower():
-        return ConfigError(f"invalid DSN: {mask(text)}")
+    if isinstance(err, psycopg.ProgrammingError):
+        return ConfigError(f"invalid DSN: {mask(text)} (expected e.g. 'host=db user=app dbname=app' or postgresql://...)")
     return ConnectError(f"cannot connect to {describe(dsn)}: {mask(text)} (check --dsn / CDC_DSN and that the server runs)")
 
 

@@ -129,8 +129,9 @@ class Consumer:
     def __enter__(self) -> Consumer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving on an exception means the transaction in hand was not handled: keep it pending.
+        self.close(ack_pending=exc_type is None)
 
     def __iter__(self) -> Iterator[Transaction]:
         return self._run()
@@ -156,10 +157,13 @@ class Consumer:
         for tx in self:
             handler(tx)
 
-    def close(self) -> None:
-        """Save the position of what was acknowledged, end the stream politely, release all."""
+    def close(self, *, ack_pending: bool = True) -> None:
+        """Save the position of what was acknowledged, end the stream politely, release all.
+
+        With auto_ack, a transaction still in the caller's hands counts as handled unless
+        `ack_pending` is False (pass False when its handling failed)."""
         try:
-            if self.auto_ack:
+            if self.auto_ack and ack_pending:
                 self._ack_pending()
             self._checkpoint(force=True)
         except (psycopg.Error, ConnectError) as err:

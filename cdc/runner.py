@@ -26,12 +26,16 @@ log = logging.getLogger("cdc.run")
 
 
 def table_for(settings: Settings) -> EventTable:
-    """The events table the settings name (a preset, or the default cdc.events)."""
-    if settings.preset in (None, "cdc") and settings.table is None:
-        return DEFAULT_TABLE
-    from .presets import table_for as preset_table
+    """The events table the settings name: a preset (default cdc.events), with --table and
+    the column settings mapped over it (see presets.py)."""
+    from .presets import columns_from, table_for as preset_table
 
-    return preset_table(settings.preset, settings.table)
+    columns = columns_from(settings)
+    if (settings.preset in (None, "cdc") and settings.table is None and settings.data_encoding is None
+            and settings.metadata_encoding is None and not any(v is not None for v in columns.values())):
+        return DEFAULT_TABLE
+    return preset_table(settings.preset, settings.table, data_encoding=settings.data_encoding,
+                        metadata_encoding=settings.metadata_encoding, **columns)
 
 
 class Delivery:
@@ -55,7 +59,7 @@ class Delivery:
                 first = tx.events[0].seq if tx.events else None
                 log.warning("sink failed on transaction xid=%s lsn=%s seq=%s (attempt %d/%d): %s",
                             tx.xid, tx.commit_lsn, first, attempt, attempts, _one_line(err))
-                if self.stop.is_set() or isinstance(err, SinkError) and "stopped" in str(err):
+                if self.stop.is_set():
                     raise
                 if attempt == attempts:
                     if self.settings.on_poison == "dead-letter":
@@ -241,11 +245,20 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
         helpers.append(Pruner(consumer, settings.delivery_retention_hours * 3600))
     for h in helpers:
         h.start()
+    failed = True
     try:
         while True:
             try:
-                for tx in consumer:
-                    deliver(tx)
+                try:
+                    for tx in consumer:
+                        deliver(tx)
+                except SinkError:
+                    if not stop.is_set():
+                        raise
+                    # Stopped mid-retry: the transaction is not acknowledged; it comes again.
+                    log.info("stopped while the sink was retrying: that transaction is not acknowledged")
+                    return 0
+                failed = False
                 return 0
             except SlotInUseError:
                 if not settings.standby or stop.is_set():
@@ -258,6 +271,7 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
                     if _slot_free(consumer.pool, settings.slot):
                         break
                 if stop.is_set():
+                    failed = False
                     return 0
                 metrics.STATUS.standby = False
                 log.info("slot %s is free: taking over", settings.slot)
@@ -265,7 +279,8 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
         for h in helpers:
             h.stop()
         try:
-            consumer.close()
+            # After a failure the transaction in hand was not delivered: never acknowledge it.
+            consumer.close(ack_pending=not failed)
         finally:
             sink.close()
             if shadow_pool is not None:

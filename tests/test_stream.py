@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from cdc import Consumer, Lsn
-from cdc.embedded import restart
+from cdc.embedded import restart, wait_for
 from cdc.errors import EventsTableMissingError, SlotInUseError
 
 from .support import Collector, committed_seqs, write_concurrently
@@ -105,8 +105,15 @@ def test_slot_is_acknowledged_only_up_to_the_handled_transaction(dsn, conn):
     consumer.ack(first)
     second = next(it)  # handed over, never acknowledged
     consumer._checkpoint(force=True)
-    flush = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name='cdc'").fetchone()[0]
-    assert Lsn.parse(flush) == first.end_lsn < second.end_lsn
+
+    def flushed() -> Lsn:
+        row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name='cdc'").fetchone()
+        return Lsn.parse(row[0])
+
+    # The status update is asynchronous: wait for the server to apply it, then hold it there.
+    wait_for(lambda: flushed() == first.end_lsn, timeout=5)
+    time.sleep(0.3)
+    assert flushed() == first.end_lsn < second.end_lsn
     saved = conn.execute("SELECT lsn::text FROM cdc.checkpoints WHERE consumer='c'").fetchone()[0]
     assert Lsn.parse(saved) == first.end_lsn
     consumer.close()
