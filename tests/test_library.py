@@ -1,0 +1,81 @@
+"""The library surface: iterate, async iterate, callbacks, explicit acks, the projection handler."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import psycopg
+
+import cdc
+from cdc.embedded import wait_for
+
+from .support import committed_seqs
+
+
+def _insert(conn: psycopg.Connection, stream: str, n: int) -> None:
+    cdc.append(conn, stream, [cdc.NewEvent("E", {"i": i}) for i in range(n)], expected_version=None)
+
+
+def test_async_consumer_yields_the_same_transactions(dsn, conn):
+    _insert(conn, "a", 3)
+    _insert(conn, "b", 2)
+
+    async def main() -> list[int]:
+        seen: list[int] = []
+        async with cdc.AsyncConsumer(dsn, consumer="async") as feed:
+            async for tx in feed:
+                seen.extend(e.seq for e in tx.events)
+                if len(seen) >= 5:
+                    break
+        return seen
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+
+
+def test_callback_style_and_stop_from_another_thread(dsn, conn):
+    got: list[int] = []
+    feed = cdc.Consumer(dsn, consumer="cb")
+    t = threading.Thread(target=feed.run, args=(lambda tx: got.extend(e.seq for e in tx.events),))
+    t.start()
+    _insert(conn, "a", 4)
+    assert wait_for(lambda: len(got) == 4, timeout=20)
+    feed.stop()
+    t.join(5)
+    assert not t.is_alive()
+    feed.close()
+    assert got == [1, 2, 3, 4]
+
+
+def test_exception_in_the_handler_does_not_acknowledge_the_transaction(dsn, conn):
+    _insert(conn, "a", 2)
+    try:
+        with cdc.Consumer(dsn, consumer="boom") as feed:
+            for _tx in feed:
+                raise RuntimeError("handler failed")
+    except RuntimeError:
+        pass
+    with cdc.Consumer(dsn, consumer="boom", endpos=cdc.Lsn.parse(
+            conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])) as feed:
+        assert [e.seq for tx in feed for e in tx.events] == [1, 2]
+
+
+def test_projection_commits_handler_writes_and_checkpoint_together(dsn, conn):
+    conn.execute("CREATE TABLE totals(stream_id text PRIMARY KEY, n int NOT NULL)")
+
+    def apply(c: psycopg.Connection, tx: cdc.Transaction) -> None:
+        for e in tx.events:
+            c.execute("INSERT INTO totals VALUES (%s, 1) ON CONFLICT (stream_id) DO UPDATE SET n = totals.n + 1",
+                      (e.stream_id,))
+
+    for round_ in range(2):
+        _insert(conn, "a", 3)
+        _insert(conn, "b", 1)
+        end = cdc.Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        with psycopg.connect(dsn, autocommit=True) as pconn, \
+                cdc.Consumer(dsn, consumer="totals", endpos=end, auto_ack=True) as feed:
+            projection = cdc.Projection(apply, pconn, consumer="totals")
+            for tx in feed:
+                projection.write(tx)
+    assert dict(conn.execute("SELECT stream_id, n FROM totals").fetchall()) == {"a": 6, "b": 2}
+    assert len(committed_seqs(dsn)) == 8
