@@ -15,6 +15,7 @@ The exactly-once variant: `save(..., conn=c)` inside the handler's own transacti
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import psycopg
@@ -113,12 +114,13 @@ class Projection:
         self.handler = handler
         self.conn = conn
         self.consumer = consumer
-        self._open: psycopg.Transaction | None = None
+        self._open: AbstractContextManager[object] | None = None
 
     def write(self, tx: Transaction) -> None:
-        if self._open is None:
-            self._open = self.conn.transaction()
-            self._open.__enter__()
+        opened = self._open
+        if opened is None:
+            opened = self._open = self.conn.transaction()
+            opened.__enter__()
         try:
             if tx.events:
                 self.handler(self.conn, tx)
@@ -135,13 +137,13 @@ class Projection:
                         "WHERE s > c.seq ORDER BY 1)",
                         (self.consumer, [e.seq for e in tx.events]),
                     )
-                opened, self._open = self._open, None
-                opened.__exit__(None, None, None)
         except BaseException as err:
-            opened, self._open = self._open, None
-            if opened is not None:
-                opened.__exit__(type(err), err, err.__traceback__)
+            self._open = None
+            opened.__exit__(type(err), err, err.__traceback__)
             raise
+        if tx.final:
+            self._open = None
+            opened.__exit__(None, None, None)  # commit: the handler's writes and the position
 
     def flush(self) -> None:
         pass

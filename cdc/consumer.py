@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Literal
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Literal
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -44,6 +44,10 @@ from .errors import (
 from .events import Lsn, Transaction
 from .replication import ReplicationStream
 from .store import DEFAULT_TABLE, EventTable, require_table
+
+if TYPE_CHECKING:
+    from .holes import SeqWatermark
+    from .polling import Poller
 
 log = logging.getLogger("cdc.consumer")
 
@@ -112,7 +116,8 @@ class Consumer:
         self._stop = False
         self._stream: ReplicationStream | None = None
         self._position = Position()
-        self._watermark: object | None = None
+        self._watermark: SeqWatermark | None = None
+        self._poller: Poller | None = None
         self._acked_lsn: Lsn | None = None
         self._pending: list[Transaction] = []  # handed over, not yet acknowledged
         self._acked: list[Transaction] = []  # acknowledged, not yet in a saved checkpoint
@@ -172,7 +177,7 @@ class Consumer:
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
-            poller = getattr(self, "_poller", None)
+            poller = self._poller
             if poller is not None:
                 poller.close()
                 self._poller = None
@@ -240,7 +245,7 @@ class Consumer:
 
     # -- stream ---------------------------------------------------------------------------------
 
-    def _streaming(self) -> Iterator[Transaction]:
+    def _streaming(self) -> Generator[Transaction, None, None]:
         rs = ReplicationStream(self.dsn, self.slot)
         self._stream = rs
         rs.open()
@@ -278,7 +283,7 @@ class Consumer:
                  describe(self.dsn), self.consumer)
         yield from self._stream_loop(rs)
 
-    def _handoff(self, rs: ReplicationStream, reason: str, *, drop: bool) -> Iterator[Transaction]:  # type: ignore[misc]
+    def _handoff(self, rs: ReplicationStream, reason: str, *, drop: bool) -> Generator[Transaction, None, Lsn | None]:
         """(Re)create the slot with an exported snapshot and replay what the position lacks."""
         from .polling import read_snapshot
 
