@@ -116,7 +116,8 @@ class _Context:
         return [("standby", self.standby), ("wal_level", self.wal_level_check),
                 ("replication_privilege", self.replication_privilege), ("wal2json", self.wal2json),
                 ("slot", self.slot_state), ("events_table", self.events_table),
-                ("select_privilege", self.select_privilege), ("events_seq", self.events_seq)]
+                ("select_privilege", self.select_privilege), ("events_seq", self.events_seq),
+                ("bookkeeping", self.bookkeeping)]
 
     def server(self) -> CheckResult:
         row = self._one(
@@ -222,7 +223,7 @@ class _Context:
 
     def events_table(self) -> CheckResult:
         t = self.table
-        missing_fix = "cdc setup" if t == DEFAULT_TABLE else "check --table / the preset, or run `cdc setup`"
+        missing_fix = "cdc setup" if t == DEFAULT_TABLE else "check --dsn (the right database?), --preset and --table"
         # The catalogs, not to_regclass: a role without USAGE on the schema would see no table.
         row = self._one(
             "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -251,8 +252,9 @@ class _Context:
             if extra:
                 problems.append(f"unmapped columns {', '.join(extra)} (the stream stops on them)")
         if problems:
-            return _fail("events_table", f"{t.qualified}: {'; '.join(problems)}",
-                         "restore the table as `cdc setup` creates it, or map it (--table-* / --preset)")
+            fix = ("restore the table as `cdc setup` creates it, or map it (--preset, --table, --*-column)"
+                   if t.strict else "map the table's columns (--*-column, NONE for one it lacks; --data-encoding)")
+            return _fail("events_table", f"{t.qualified}: {'; '.join(problems)}", fix)
         return _ok("events_table", f"{t.qualified} has the expected columns")
 
     def select_privilege(self) -> CheckResult:
@@ -274,25 +276,29 @@ class _Context:
             return _skip("events_seq", "not tested: no events table (see events_table)")
         t = self.table
         # The sequence the column's default calls (serial, or nextval(...) by hand), or its
-        # identity sequence, read from pg_depend: name lookups would need USAGE on the schema,
-        # and a sequence merely OWNED BY the column does not fill it.
+        # identity sequence, read from pg_depend: name lookups would need USAGE on the schema.
+        # Else a sequence OWNED BY the column (deptype 'a'): Marten's mt_events has no default,
+        # its append function inserts nextval('mt_events_sequence') taken in the same transaction.
         row = self._one(
             """
-            SELECT s.oid::regclass::text, q.seqcache
+            SELECT s.oid::regclass::text, q.seqcache, d.deptype = 'a'
             FROM pg_attribute a
             JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND (
                  (d.classid = 'pg_attrdef'::regclass AND d.objid = (
                       SELECT oid FROM pg_attrdef WHERE adrelid = a.attrelid AND adnum = a.attnum))
-              OR (d.classid = 'pg_class'::regclass AND d.deptype = 'i'
+              OR (d.classid = 'pg_class'::regclass AND d.deptype IN ('i', 'a')
                   AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum))
             JOIN pg_class s ON s.oid = CASE WHEN d.classid = 'pg_attrdef'::regclass THEN d.refobjid ELSE d.objid END
                            AND s.relkind = 'S'
             JOIN pg_sequence q ON q.seqrelid = s.oid
             WHERE a.attrelid = %s AND a.attname = %s
+            ORDER BY d.deptype = 'a'
+            LIMIT 1
             """,
             (self.table_oid, t.seq),
         )
         sequence, cache = (str(row[0]), int(row[1])) if row else (None, 0)  # type: ignore[call-overload]
+        owned_only = bool(row[2]) if row else False
         if sequence is None:
             return _fail("events_seq", f"{t.qualified}.{t.seq} is not filled from a sequence",
                          f"give {t.seq} a CACHE 1 sequence default (as `cdc setup` creates it): "
@@ -301,7 +307,22 @@ class _Context:
             return _fail("events_seq", f"{sequence} has CACHE {cache}: a session could use a cached seq "
                          "long after later ones committed, and the poller would skip it",
                          f"ALTER SEQUENCE {sequence} CACHE 1")
+        if owned_only:
+            return _ok("events_seq", f"{t.seq} is filled from {sequence} (OWNED BY, no default), CACHE 1: "
+                       "writers must take nextval in the inserting transaction, as Marten does")
         return _ok("events_seq", f"{t.seq} comes from {sequence}, CACHE 1")
+
+    def bookkeeping(self) -> CheckResult:
+        # Where consumers keep their positions. For cdc.events, events_table already says
+        # `cdc setup`; a mapped table exists without it.
+        row = self._one("SELECT to_regclass('cdc.checkpoints') IS NOT NULL")
+        if row and row[0]:
+            return _ok("bookkeeping", "cdc.checkpoints exists")
+        if self.table == DEFAULT_TABLE and self.table_oid is None:
+            return _skip("bookkeeping", "not tested: the cdc schema is missing (see events_table)")
+        mapped = "" if self.table == DEFAULT_TABLE else f"; {self.table.qualified} is left as it is"
+        return _fail("bookkeeping", "cdc.checkpoints does not exist (consumers keep their positions there)",
+                     f"cdc setup (creates the cdc schema{mapped})")
 
 
 # Types each field may have. The stream and the poller both read these as text or numbers.

@@ -11,12 +11,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .connection import mask
 from .errors import CdcError, ConfigError
+
+if TYPE_CHECKING:
+    from .store import EventTable
 
 log = logging.getLogger("cdc")
 
@@ -68,7 +71,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _table_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["cdc", "marten", "eventsourcing"], default=None,
                    help="read another event store's table: marten (mt_events), eventsourcing (stored_events)")
-    p.add_argument("--table", default=None, help="schema-qualified events table for the preset (default: the preset's)")
+    p.add_argument("--table", default=None, metavar="SCHEMA.NAME",
+                   help="the events table (default: the preset's; NAME alone means public.NAME)")
+    g = p.add_argument_group("column mapping", "the columns of --table, over the preset's; "
+                             "NONE for a column the table lacks (that field is left null)")
+    for flag, field in (("--seq-column", "seq: bigint from a CACHE 1 sequence"),
+                        ("--stream-column", "stream_id (text, varchar or uuid)"),
+                        ("--version-column", "version"), ("--type-column", "type"),
+                        ("--data-column", "data"), ("--metadata-column", "metadata"),
+                        ("--time-column", "created_at (timestamptz)"),
+                        ("--xid-column", "the inserting transaction (xid8), if the table records it")):
+        g.add_argument(flag, default=None, metavar="COLUMN", help=field)
+    for flag in ("--data-encoding", "--metadata-encoding"):
+        g.add_argument(flag, choices=["jsonb", "bytea", "text"], default=None,
+                       help="jsonb/json (parsed), bytea (JSON bytes: parsed, else hex), text (as is); default jsonb")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-secret", default=None, help="sign webhook bodies: X-Cdc-Signature: sha256=HMAC (or CDC_WEBHOOK_SECRET)")
     p.add_argument("--standby", action="store_true", default=None,
                    help="when the slot is held by another cdc, wait as a hot standby and take over when it dies")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="handle events on N threads, each stream_id on one of them in version order; the position "
+                        "acknowledged is the newest transaction handled in full. With N > 1 a transaction spanning "
+                        "streams on different workers is no longer applied atomically by one handler call (each "
+                        "worker gets its slice; python: sinks commit per slice, with a checkpoint per worker); "
+                        "--workers 1 (default) keeps whole transactions")
 
     p = sub.add_parser("replay", help="replay history at full speed (rebuilds, backfills)", formatter_class=_Formatter)
     _common(p)
@@ -138,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconcile", help="check what a consumer was delivered against the table", formatter_class=_Formatter)
     _common(p)
+    _table_opts(p)
     p.add_argument("--consumer", default="default", help="consumer whose delivery record to check")
     p.add_argument("--since", default=None, help="only deliveries at or after this time (ISO 8601, or e.g. 10m, 2h, 1d ago)")
     p.add_argument("--stale-threshold", type=float, default=3.0, help="flag inversions a Marten-style poller with this threshold would have skipped")
@@ -195,11 +218,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "check":
         from .check import main_check
         from .connection import resolve_dsn
-        from .config import Settings
-        from .runner import table_for
 
-        table = table_for(Settings(preset=args.preset, table=args.table))
-        return main_check(resolve_dsn(args.dsn), args.slot, table)
+        return main_check(resolve_dsn(args.dsn), args.slot, _table(args))
     if cmd == "demo":
         from .demo import demo
 
@@ -207,17 +227,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ConfigError(f"unknown command {cmd}")
 
 
-def _replay(args: argparse.Namespace) -> int:
+def _table(args: argparse.Namespace) -> EventTable:
+    """The EventTable of `_table_opts`' flags (for the commands that take no --config)."""
     from .config import Settings
+    from .presets import COLUMN_FIELDS
+    from .runner import table_for
+
+    names = ("preset", "table", "data_encoding", "metadata_encoding", *COLUMN_FIELDS)
+    return table_for(Settings(**{k: getattr(args, k) for k in names}))
+
+
+def _replay(args: argparse.Namespace) -> int:
     from .connection import open_pool, resolve_dsn
     from .polling import replay
-    from .runner import table_for
     from .sinks import open_sink
 
     if args.sink.startswith(("webhook:", "python:")):
         raise ConfigError("replay writes to stdout, null or jsonl:PATH")
     dsn = resolve_dsn(args.dsn)
-    table = table_for(Settings(preset=args.preset, table=args.table))
+    table = _table(args)
     sink = open_sink(args.sink)
     pool = open_pool(dsn, name="cdc-replay")
     try:
@@ -234,7 +262,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     from .reconcile import run_cli
 
     code, out = run_cli(resolve_dsn(args.dsn), args.consumer, args.json, since=args.since,
-                        stale_threshold=args.stale_threshold)
+                        stale_threshold=args.stale_threshold, table=_table(args))
     sys.stdout.write(out)
     return code
 

@@ -42,10 +42,23 @@ class Settings(BaseModel):
     on_poison: Literal["stop", "dead-letter"] = "stop"
     webhook_secret: str | None = None
     standby: bool = False
+    workers: int = Field(1, ge=1, le=256)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     preset: Literal["cdc", "marten", "eventsourcing"] | None = None
+    # The events table and its columns, over the preset's (see presets.py). A column set to
+    # "none" does not exist: that field is left null.
     table: str | None = None
+    seq_column: str | None = None
+    stream_column: str | None = None
+    version_column: str | None = None
+    type_column: str | None = None
+    data_column: str | None = None
+    metadata_column: str | None = None
+    time_column: str | None = None
+    xid_column: str | None = None
+    data_encoding: Literal["jsonb", "bytea", "text"] | None = None
+    metadata_encoding: Literal["jsonb", "bytea", "text"] | None = None
 
     @field_validator("endpos")
     @classmethod

@@ -149,7 +149,7 @@ class Decoder:
             extra = sorted(set(values) - self._known)
             raise UnsupportedChangeError(
                 f"{t.qualified} has columns cdc does not know ({', '.join(extra)}) at {Lsn(lsn)}: "
-                "the table was altered; undo the change or map the table (--table-* / --preset)"
+                "the table was altered; undo the change or map the table (--preset, --*-column)"
             )
         try:
             seq, stream_id, version, etype, data, metadata, created_at, _ = self._fields
