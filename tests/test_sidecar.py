@@ -247,3 +247,21 @@ def test_logs_never_carry_event_payloads_and_mask_the_password(dsn, conn):
     assert "4111" not in err and "hunter2" not in err
     for line in err.strip().splitlines():
         json.loads(line)  # every log line is a JSON object
+
+
+def test_heartbeats_advance_the_slot_while_the_events_table_is_idle(dsn, conn):
+    proc = cdc_run(dsn, "--sink", "null", "--heartbeat-interval", "0.3")
+    try:
+        assert wait_for(lambda: conn.execute(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='cdc' AND active_pid IS NOT NULL"
+        ).fetchone() is not None, timeout=30)
+
+        def flushed() -> int:
+            return conn.execute("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name='cdc'").fetchone()[0]
+
+        start = flushed()
+        # No events at all: only heartbeats can move the slot forward.
+        assert wait_for(lambda: flushed() > start, timeout=15)
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
