@@ -121,7 +121,10 @@ class Consumer:
         self._acked_lsn: Lsn | None = None
         self._pending: list[Transaction] = []  # handed over, not yet acknowledged
         self._acked: list[Transaction] = []  # acknowledged, not yet in a saved checkpoint
-        self._dirty = False
+        self._dirty = False  # handed-over transactions acknowledged since the last save
+        # Only empty transactions acknowledged since (other tables, heartbeats, our own
+        # checkpoint writes): saved at the status interval, or saving would feed itself.
+        self._moved = False
         self._last_checkpoint = time.monotonic()
         self.path: str | None = None
         self.delivered_events = 0
@@ -170,7 +173,7 @@ class Consumer:
         try:
             if self.auto_ack and ack_pending:
                 self._ack_pending()
-            self._checkpoint(force=True)
+            self._checkpoint(final=True)
         except (psycopg.Error, ConnectError) as err:
             log.warning("could not save the final checkpoint: %s", mask(str(err)))
         finally:
@@ -303,12 +306,12 @@ class Consumer:
             if self._stop:
                 # Not finished: the consumer has no position at the slot's start, so the next
                 # run repeats the hand-off from the seq position saved now.
-                self._checkpoint(force=True)
+                self._checkpoint(final=True)
                 return None
         self._ack_pending()
         self._acked_lsn = created.consistent_point
         self._dirty = True
-        self._checkpoint(force=True)
+        self._checkpoint(final=True)
         log.info("hand-off: %d events replayed from the snapshot; streaming from %s", count,
                  created.consistent_point)
         return created.consistent_point
@@ -339,7 +342,7 @@ class Consumer:
                 if not tx.events:
                     if tx.final and not self._pending:
                         self._acked_lsn = end
-                        self._dirty = True
+                        self._moved = True
                         if tx.commit_time is not None:
                             metrics.LAG_SECONDS.set(max(0.0, time.time() - tx.commit_time.timestamp()))
                     continue
@@ -361,7 +364,7 @@ class Consumer:
 
     def _finish_at_endpos(self) -> None:
         self._ack_pending()
-        self._checkpoint(force=True)
+        self._checkpoint(final=True)
         self._stop = True
 
     # -- poll -----------------------------------------------------------------------------------
@@ -430,10 +433,17 @@ class Consumer:
         self._position = Position(self._acked_lsn, wm.seq, wm.seqs_above)
         return self._position
 
-    def _checkpoint(self, *, force: bool = False) -> None:
-        """Make what was handled durable (sink), save the position, then tell the slot."""
+    def _checkpoint(self, *, force: bool = False, final: bool = False) -> None:
+        """Make what was handled durable (sink), save the position, then tell the slot.
+
+        `force`: the feed is idle, save now rather than at the interval; `final`: stopping or
+        switching paths, save whatever moved."""
         now = time.monotonic()
-        if not self._dirty or (not force and now - self._last_checkpoint < self.checkpoint_interval):
+        since = now - self._last_checkpoint
+        if not self._dirty:
+            if not self._moved or not (final or since >= self.status_interval):
+                return
+        elif not (force or final) and since < self.checkpoint_interval:
             return
         if self.on_checkpoint is not None:
             self.on_checkpoint()
@@ -442,7 +452,7 @@ class Consumer:
             self.deliveries.record(self._acked)
             self._acked = []
         self.checkpoints.save(self._current_position())
-        self._dirty = False
+        self._dirty = self._moved = False
         self._last_checkpoint = now
         if self._stream is not None and self._stream.streaming and self._acked_lsn is not None:
             self._stream.acknowledge(self._acked_lsn)

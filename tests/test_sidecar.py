@@ -250,7 +250,7 @@ def test_logs_never_carry_event_payloads_and_mask_the_password(dsn, conn):
 
 
 def test_heartbeats_advance_the_slot_while_the_events_table_is_idle(dsn, conn):
-    proc = cdc_run(dsn, "--sink", "null", "--heartbeat-interval", "0.3")
+    proc = cdc_run(dsn, "--sink", "null", "--heartbeat-interval", "0.3", "--status-interval", "1")
     try:
         assert wait_for(lambda: conn.execute(
             "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='cdc' AND active_pid IS NOT NULL"
@@ -265,3 +265,32 @@ def test_heartbeats_advance_the_slot_while_the_events_table_is_idle(dsn, conn):
     finally:
         code, err = stop(proc)
     assert code == 0, err
+
+
+def test_heartbeat_writes_logical_messages_only_while_the_feed_is_idle(dsn, conn):
+    from types import SimpleNamespace
+
+    from cdc.runner import Heartbeat
+
+    conn.execute("SELECT pg_create_logical_replication_slot('hb', 'wal2json')")
+    feed = SimpleNamespace(path="stream", delivered_events=0)
+    beat = Heartbeat(dsn, 0.2, feed)  # type: ignore[arg-type]
+    beat.start()
+    time.sleep(1.5)
+    feed.delivered_events = 1  # busy from here on: events flow, no heartbeat needed
+    time.sleep(0.05)
+    idle_count = _heartbeats(conn)
+    for n in range(2, 10):
+        feed.delivered_events = n
+        time.sleep(0.2)
+    beat.stop()
+    assert idle_count >= 3
+    assert _heartbeats(conn) <= 1  # the rest of the messages: none while busy, one in flight at most
+
+
+def _heartbeats(conn: psycopg.Connection) -> int:
+    rows = conn.execute(
+        "SELECT data FROM pg_logical_slot_get_changes('hb', NULL, NULL, 'format-version', '2', "
+        "'add-msg-prefixes', 'cdc')").fetchall()
+    msgs = [json.loads(r[0]) for r in rows]
+    return sum(1 for m in msgs if m["action"] == "M" and m["content"].startswith("heartbeat"))
