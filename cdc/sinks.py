@@ -51,6 +51,9 @@ class NullSink:
     def write(self, tx: Transaction) -> None:
         pass
 
+    def write_lines(self, data: bytes) -> None:
+        """Discard records already formatted (the replay fast path, see `StreamSink.write_lines`)."""
+
     def flush(self) -> None:
         pass
 
@@ -67,6 +70,11 @@ class StreamSink:
     def write(self, tx: Transaction) -> None:
         if tx.events:
             self.out.write(_lines(tx))
+
+    def write_lines(self, data: bytes) -> None:
+        """Records already formatted, whole lines each ending in a newline, byte for byte what
+        `write` prints for them: the replay fast path (polling._replay_lines) builds them."""
+        self.out.write(data)
 
     def flush(self) -> None:
         self.out.flush()

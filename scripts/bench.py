@@ -1,0 +1,467 @@
+"""cdc's benchmark: every figure a ratio against a reference measured in the same run.
+
+    scripts/bench [--quick] [--out DIR]
+
+One embedded cluster (fsync off), one database a scenario so sequences and slots start clean:
+- stream drain: cdc.Consumer(endpos) into a NullSink vs pg_recvlogical -f /dev/null, same WAL,
+  same wal2json options; slots created before the writes; each run twice, alternating, best kept;
+- replay: cdc.polling.replay into a NullSink vs psql COPY (SELECT * ... ORDER BY seq) > /dev/null;
+- latency commit -> handler at a paced commit rate, stream and poll, with and without a
+  transaction holding a sequence number for a while (the consumer runs in its own process);
+- peak RSS of a consumer process draining 1M events, and one 1M-row transaction;
+- reconcile over 1M recorded deliveries.
+Progress on stderr; DIR/results.json, DIR/results.md, DIR/latency.png. Never asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cdc import Consumer, Lsn, embedded_cluster, setup  # noqa: E402
+from cdc.decoding import PLUGIN_OPTIONS  # noqa: E402
+from cdc.sinks import NullSink  # noqa: E402
+
+STARTED = time.monotonic()
+
+# One event a row, the shape of a typical domain event; `per` rows a transaction.
+WRITE_PROC = """
+CREATE PROCEDURE bench_write(n int, per int) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR i IN 0..n - 1 LOOP
+    INSERT INTO cdc.events (stream_id, version, type, data, metadata)
+    SELECT 'account-' || (i * per + g), 1, 'MoneyDeposited',
+           jsonb_build_object('amount', (i * per + g) % 10000, 'currency', 'EUR',
+                              'note', 'salary ü', 'tags', jsonb_build_array('a', 'b')),
+           '{"source": "bench", "user": 42}'
+    FROM generate_series(1, per) AS g;
+    COMMIT;
+  END LOOP;
+END $$;
+"""
+LATENCY_INSERT = ("INSERT INTO cdc.events (stream_id, version, type, data) "
+                  "VALUES (%s, 1, %s, '{\"amount\": 1}') RETURNING seq")
+
+
+def say(msg: str) -> None:
+    sys.stderr.write(f"[{time.monotonic() - STARTED:6.1f}s] {msg}\n")
+    sys.stderr.flush()
+
+
+def dsn_for(cluster: Any, db: str) -> str:
+    return psycopg.conninfo.make_conninfo(cluster.dsn, dbname=db)
+
+
+def new_database(cluster: Any, db: str) -> str:
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}"')
+        conn.execute(f'CREATE DATABASE "{db}"')
+    dsn = dsn_for(cluster, db)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        setup(conn)
+        conn.execute(WRITE_PROC)
+        conn.execute("CREATE TABLE bench_other (x int)")
+    return dsn
+
+
+def wal_insert_lsn(dsn: str) -> Lsn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+
+
+def prime(dsn: str, name: str) -> None:
+    """Slot `name` and consumer `name` positioned at the current WAL end, before the writes."""
+    with Consumer(dsn, consumer=name, slot=name, endpos=wal_insert_lsn(dsn)) as feed:
+        for _ in feed:
+            pass
+
+
+def write(dsn: str, transactions: int, per: int) -> Lsn:
+    """Write, then return an endpos just past the writes, with one more (other-table)
+    transaction after it so both readers see WAL beyond endpos and stop."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CALL bench_write(%s, %s)", (transactions, per))
+        end = Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        conn.execute("INSERT INTO bench_other VALUES (1)")
+        conn.execute("VACUUM ANALYZE cdc.events")
+    return end
+
+
+def drain_cdc(dsn: str, name: str, endpos: Lsn) -> tuple[float, int]:
+    sink = NullSink()
+    events = 0
+    started = time.monotonic()
+    with Consumer(dsn, consumer=name, slot=name, endpos=endpos) as feed:
+        for tx in feed:
+            sink.write(tx)
+            events += len(tx.events)
+    return time.monotonic() - started, events
+
+
+def drain_recvlogical(cluster: Any, db: str, slot: str, endpos: Lsn) -> float:
+    options = dict(PLUGIN_OPTIONS, **{"add-tables": "cdc.events"})
+    cmd = [f"{cluster.bin_dir}/pg_recvlogical", "-h", cluster.socket_dir, "-p", str(cluster.port),
+           "-U", "postgres", "-d", db, "-S", slot, "--start", "--no-loop", "-E", str(endpos),
+           "-f", "/dev/null"]
+    for k, v in options.items():
+        cmd += ["-o", f"{k}={v}"]
+    started = time.monotonic()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def bench_stream(cluster: Any, per: int, events: int) -> dict[str, Any]:
+    db = f"bench_stream_{per}"
+    dsn = new_database(cluster, db)
+    names = ["cdc_a", "cdc_b"]
+    for n in names:
+        prime(dsn, n)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for n in ("recv_a", "recv_b"):
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (n,))
+    say(f"stream {per}/tx: writing {events:,} events in {events // per:,} transactions")
+    endpos = write(dsn, events // per, per)
+    cdc_times, recv_times = [], []
+    for cdc_slot, recv_slot in zip(names, ("recv_a", "recv_b")):
+        seconds, got = drain_cdc(dsn, cdc_slot, endpos)
+        if got != events:
+            raise SystemExit(f"cdc drained {got} events, expected {events}")
+        cdc_times.append(seconds)
+        recv_times.append(drain_recvlogical(cluster, db, recv_slot, endpos))
+        say(f"stream {per}/tx: cdc {events / seconds:,.0f}/s, pg_recvlogical {events / recv_times[-1]:,.0f}/s")
+    cdc_rate, recv_rate = events / min(cdc_times), events / min(recv_times)
+    drop_database(cluster, db)
+    return {"events": events, "events_per_tx": per, "cdc_events_per_s": round(cdc_rate),
+            "recvlogical_events_per_s": round(recv_rate), "ratio": round(cdc_rate / recv_rate, 3)}
+
+
+def drop_database(cluster: Any, db: str) -> None:
+    with psycopg.connect(dsn_for(cluster, db), autocommit=True) as conn:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (db,)):
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+# -- replay, RSS and reconcile: one database of `events` rows -------------------------------------
+
+
+def bench_big(cluster: Any, events: int, quick: bool) -> dict[str, Any]:
+    from cdc.polling import replay
+
+    db = "bench_big"
+    dsn = new_database(cluster, db)
+    for name in ("rss", "recon"):
+        prime(dsn, name)
+    say(f"replay: writing {events:,} events, 1,000 a transaction")
+    endpos = write(dsn, events // 1000, 1000)
+    psql = [f"{cluster.bin_dir}/psql", "-h", cluster.socket_dir, "-p", str(cluster.port), "-U", "postgres",
+            "-d", db, "-X", "-q", "-c", "COPY (SELECT * FROM cdc.events ORDER BY seq) TO STDOUT"]
+    copy_times, replay_times = [], []
+    for _ in range(2):
+        started = time.monotonic()
+        subprocess.run(psql, check=True, stdout=subprocess.DEVNULL)
+        copy_times.append(time.monotonic() - started)
+        summary = replay(dsn, sink=NullSink(), progress=False)
+        if summary.events != events:
+            raise SystemExit(f"replay handed over {summary.events} events, expected {events}")
+        replay_times.append(summary.seconds)
+        say(f"replay: cdc {events / replay_times[-1]:,.0f}/s, psql COPY {events / copy_times[-1]:,.0f}/s")
+    replay_rate, copy_rate = events / min(replay_times), events / min(copy_times)
+    out: dict[str, Any] = {"replay": {"events": events, "cdc_events_per_s": round(replay_rate),
+                                      "copy_events_per_s": round(copy_rate),
+                                      "ratio": round(replay_rate / copy_rate, 3)}}
+    say(f"rss: a consumer process draining {events:,} events")
+    out["rss_many"] = drain_child(dsn, "rss", endpos)
+    out["reconcile"] = bench_reconcile(dsn, endpos, events)
+    drop_database(cluster, db)
+
+    db = "bench_bigtx"
+    dsn = new_database(cluster, db)
+    prime(dsn, "rss")
+    say(f"rss: writing one transaction of {events:,} rows")
+    endpos = write(dsn, 1, events)
+    out["rss_one_tx"] = drain_child(dsn, "rss", endpos)
+    drop_database(cluster, db)
+    return out
+
+
+def drain_child(dsn: str, name: str, endpos: Lsn) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "_drain", dsn, name, str(endpos)],
+                          check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    say(f"rss: {result['events']:,} events in {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
+
+
+def child_drain(dsn: str, name: str, endpos: str) -> None:
+    started = time.monotonic()
+    seconds, events = drain_cdc(dsn, name, Lsn.parse(endpos))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"events": events, "seconds": round(time.monotonic() - started, 2),
+                      "peak_rss_mb": round(rss_mb, 1)}))
+
+
+def bench_reconcile(dsn: str, endpos: Lsn, events: int) -> dict[str, Any]:
+    try:
+        from cdc.reconcile import reconcile
+        from psycopg_pool import ConnectionPool
+    except ImportError as err:
+        say(f"reconcile: not available ({err}): null")
+        return {"seconds": None, "error": str(err)}
+    try:
+        say(f"reconcile: recording deliveries of {events:,} events")
+        got = 0
+        with Consumer(dsn, consumer="recon", slot="recon", endpos=endpos, record_deliveries=True) as feed:
+            for tx in feed:
+                got += len(tx.events)
+        with ConnectionPool(dsn, min_size=1, max_size=2, open=True) as pool:
+            started = time.monotonic()
+            report = reconcile(pool, consumer="recon")
+            seconds = time.monotonic() - started
+        say(f"reconcile: {seconds:.2f} s, agrees: {report.agrees}")
+        return {"seconds": round(seconds, 2), "events": got, "agrees": bool(report.agrees)}
+    except Exception as err:  # another engineer's module, still moving: report, don't fail
+        say(f"reconcile: failed ({err!r}): null")
+        return {"seconds": None, "error": repr(err)}
+
+
+# -- latency ----------------------------------------------------------------------------------------
+
+
+def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float) -> dict[str, Any]:
+    db = "bench_latency"
+    dsn = new_database(cluster, db)
+    name = "lat"
+    if path == "stream":
+        prime(dsn, name)
+    out_file = f"/tmp/cdc-bench-latency-{os.getpid()}.json"
+    child = subprocess.Popen([sys.executable, __file__, "_latency", dsn, name, path, out_file],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    child.stdout.readline()  # "ready": the consumer is iterating
+    time.sleep(0.5)
+    commits: dict[int, float] = {}
+    stop = threading.Event()
+
+    # The cluster runs synchronous_commit=off (fast=True): WAL then reaches the walsender only at
+    # the WAL writer's next round (200 ms). Writers here flush at commit, as production does.
+    sync = "-c synchronous_commit=on"
+
+    def paced(thread: int, per_second: float) -> None:
+        with psycopg.connect(dsn, autocommit=True, options=sync) as conn:
+            started = time.monotonic()
+            i = 0
+            while not stop.is_set():
+                delay = started + i / per_second - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                seq = conn.execute(LATENCY_INSERT, (f"w{thread}-{i}", "Paced")).fetchone()[0]
+                commits[seq] = time.time()
+                i += 1
+
+    def holder() -> None:
+        # Takes a seq, keeps it 1.5 s uncommitted, every 3 s: the poller must wait behind it.
+        with psycopg.connect(dsn, options=sync) as conn:
+            i = 0
+            while not stop.wait(1.5):
+                seq = conn.execute(LATENCY_INSERT, (f"held-{i}", "Held")).fetchone()[0]
+                stop.wait(1.5)
+                conn.commit()
+                commits[seq] = time.time()
+                i += 1
+
+    threads = [threading.Thread(target=paced, args=(t, rate / 2)) for t in range(2)]
+    if held:
+        threads.append(threading.Thread(target=holder))
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(LATENCY_INSERT, ("stop", "BenchStop"))
+    child.wait(timeout=120)
+    handled = json.loads(Path(out_file).read_text())
+    os.unlink(out_file)
+    drop_database(cluster, db)
+    lat = []
+    for seq, at, commit_time in handled:
+        if path == "stream":
+            lat.append(max(0.0, at - commit_time) * 1000)
+        elif seq in commits:
+            lat.append(max(0.0, at - commits[seq]) * 1000)
+    missing = len(commits) - len(lat)
+    stats = percentiles(lat)
+    stats |= {"commits": len(commits), "achieved_rate": round(len(commits) / seconds), "missing": missing}
+    say(f"latency {path} {rate}/s{' held seq' if held else ''}: p50 {stats['p50']} p99 {stats['p99']} "
+        f"max {stats['max']} ms ({stats['achieved_rate']}/s achieved)")
+    stats["samples"] = lat
+    return stats
+
+
+def percentiles(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))], 3)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(v[-1], 3), "n": len(v)}
+
+
+def child_latency(dsn: str, name: str, path: str, out_file: str) -> None:
+    handled: list[tuple[int, float, float | None]] = []
+    mode = "stream" if path == "stream" else "poll"
+    with Consumer(dsn, consumer=name, slot=name, mode=mode, poll_interval=0.1, stale_after=3.0) as feed:
+        print("ready", flush=True)
+        for tx in feed:
+            now = time.time()
+            commit = tx.commit_time.timestamp() if tx.commit_time is not None else None
+            done = False
+            for e in tx.events:
+                if e.type == "BenchStop":
+                    done = True
+                else:
+                    handled.append((e.seq, now, commit))
+            if done:
+                feed.stop()
+    Path(out_file).write_text(json.dumps(handled))
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def machine(cluster: Any) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    with psycopg.connect(cluster.dsn) as conn:
+        server = conn.execute("SHOW server_version").fetchone()[0]
+    return {"cpu": cpu, "cores": os.cpu_count(), "postgresql": server, "python": platform.python_version(),
+            "fsync": "off", "connection": "unix socket"}
+
+
+def write_report(out: Path, results: dict[str, Any], samples: dict[str, list[float]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    s1, s100, rp = results["stream_1"], results["stream_100"], results["replay"]
+    rows = [
+        "| measure | cdc | reference | ratio (higher is better) | floor |",
+        "|---|---|---|---|---|",
+        f"| stream drain, 1 event/tx | {s1['cdc_events_per_s']:,} ev/s | pg_recvlogical {s1['recvlogical_events_per_s']:,} ev/s "
+        f"| {s1['ratio']:.2f}x | >= 1.0x |",
+        f"| stream drain, 100 events/tx | {s100['cdc_events_per_s']:,} ev/s | pg_recvlogical "
+        f"{s100['recvlogical_events_per_s']:,} ev/s | {s100['ratio']:.2f}x | >= 1.0x |",
+        f"| replay {rp['events']:,} events | {rp['cdc_events_per_s']:,} ev/s | psql COPY {rp['copy_events_per_s']:,} ev/s "
+        f"| {rp['ratio']:.2f}x | >= 0.7x |",
+        "",
+        "| latency commit -> handler (ms) | p50 | p95 | p99 | max | commits/s achieved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, st in results["latency_ms"].items():
+        rows.append(f"| {key} | {st['p50']} | {st['p95']} | {st['p99']} | {st['max']} | {st['achieved_rate']} |")
+    rss, recon = results["peak_rss_mb"], results["reconcile_s"]
+    rows += [
+        "",
+        "| other | value |",
+        "|---|---|",
+        f"| peak RSS, consumer draining {results['big_events']:,} events | {rss['many_transactions']} MB |",
+        f"| peak RSS, consumer draining one {results['big_events']:,}-row transaction | {rss['one_transaction']} MB (floor < 300) |",
+        f"| reconcile over {results['big_events']:,} delivered events | {'n/a' if recon is None else f'{recon} s'} |",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, PostgreSQL "
+        f"{results['machine']['postgresql']}, fsync off, unix socket{' (--quick)' if results['quick'] else ''}.",
+    ]
+    (out / "results.md").write_text("\n".join(rows) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, path in zip(axes, ("stream", "poll")):
+        for key, values in samples.items():
+            if key.startswith(path) and values:
+                v = sorted(values)
+                ax.plot(v, [i / len(v) for i in range(len(v))], label=key)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("commit -> handler latency (ms)")
+        ax.set_ylabel("fraction of events")
+        ax.set_title(f"{path} path")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_drain":
+        return child_drain(*sys.argv[2:5])
+    if len(sys.argv) > 1 and sys.argv[1] == "_latency":
+        return child_latency(*sys.argv[2:6])
+    parser = argparse.ArgumentParser(description="cdc benchmarks, as ratios against pg_recvlogical and psql COPY")
+    parser.add_argument("--quick", action="store_true", help="scaled down to about a minute (for CI)")
+    parser.add_argument("--out", default=str(ROOT / "scripts" / "bench-results"), help="where the results go")
+    args = parser.parse_args()
+    quick = args.quick
+    single, multi, big = (20_000, 50_000, 100_000) if quick else (200_000, 500_000, 1_000_000)
+    lat_seconds = 2.0 if quick else 10.0
+    results: dict[str, Any] = {"quick": quick}
+    samples: dict[str, list[float]] = {}
+    with embedded_cluster(fast=True) as cluster:
+        results["machine"] = machine(cluster)
+        say(f"cluster up: PostgreSQL {results['machine']['postgresql']}, {results['machine']['cores']} cores")
+        results["stream_1"] = bench_stream(cluster, 1, single)
+        results["stream_100"] = bench_stream(cluster, 100, multi)
+        latency: dict[str, Any] = {}
+        for path in ("stream", "poll"):
+            for rate in (500, 2000):
+                for held in (False, True):
+                    key = f"{path}_{rate}{'_held_seq' if held else ''}"
+                    stats = bench_latency(cluster, path, rate, held, lat_seconds)
+                    samples[key] = stats.pop("samples")
+                    latency[key] = stats
+        big_results = bench_big(cluster, big, quick)
+    results["stream_vs_recvlogical_1"] = results["stream_1"]["ratio"]
+    results["stream_vs_recvlogical_100"] = results["stream_100"]["ratio"]
+    results["replay"] = big_results["replay"]
+    results["replay_vs_copy"] = big_results["replay"]["ratio"]
+    results["latency_ms"] = latency
+    results["big_events"] = big
+    results["peak_rss_mb"] = {"many_transactions": big_results["rss_many"]["peak_rss_mb"],
+                              "one_transaction": big_results["rss_one_tx"]["peak_rss_mb"]}
+    results["rss_runs"] = {"many_transactions": big_results["rss_many"], "one_transaction": big_results["rss_one_tx"]}
+    results["reconcile_s"] = big_results["reconcile"]["seconds"]
+    results["reconcile"] = big_results["reconcile"]
+    results["elapsed_s"] = round(time.monotonic() - STARTED, 1)
+    out = Path(args.out)
+    write_report(out, results, samples)
+    say(f"done in {results['elapsed_s']} s: {out / 'results.json'}, results.md, latency.png")
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
