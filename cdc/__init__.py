@@ -11,7 +11,7 @@ poller; a reconciler checks one against the other.
 """
 
 from .checkpoint import Checkpoints, Position, Projection
-from .consumer import AsyncConsumer, Consumer
+from .consumer import AsyncConsumer, Consumer, tune_gc
 from .embedded import embedded_cluster
 from .errors import (
     CdcError,
@@ -27,6 +27,7 @@ from .errors import (
 )
 from .events import Event, Lsn, Transaction
 from .store import DEFAULT_TABLE, EventTable, NewEvent, append, setup
+from .workers import ParallelDispatcher, ParallelProjection
 
 __all__ = [
     "AsyncConsumer",
@@ -42,6 +43,8 @@ __all__ = [
     "EventTable",
     "Lsn",
     "NewEvent",
+    "ParallelDispatcher",
+    "ParallelProjection",
     "Position",
     "Projection",
     "SetupError",
@@ -53,4 +56,5 @@ __all__ = [
     "append",
     "embedded_cluster",
     "setup",
+    "tune_gc",
 ]

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "replay", "demo"):
+        from .consumer import tune_gc
+
+        tune_gc()
     setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile") else "info"))
     try:
         return int(_dispatch(args) or 0)

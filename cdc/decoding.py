@@ -9,7 +9,10 @@ skipped, so the slot is never acknowledged past it.
 from __future__ import annotations
 
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
+
+import struct
 
 import orjson
 
@@ -25,6 +28,9 @@ PLUGIN_OPTIONS: dict[str, str] = {
     "include-xids": "1",
     "include-timestamp": "1",
     "include-lsn": "1",
+    # Column types would only be parsed and dropped: without them each insert message is a
+    # quarter shorter, for the walsender to write and for us to parse.
+    "include-types": "0",
     # TRUNCATE must reach us so we can stop on it rather than go on as if nothing happened.
     "actions": "insert,truncate",
     "add-msg-prefixes": "cdc",
@@ -34,9 +40,65 @@ _loads = orjson.loads
 _timestamp = datetime.fromisoformat
 
 
+def _start(message: memoryview) -> int:
+    """The start LSN in an XLogData header."""
+    return int(_unpack_start(message, 1)[0])
+
+
+_unpack_start = struct.Struct("!Q").unpack_from
+_new_lsn = int.__new__
+_new_event = tuple.__new__  # Event(...) without the NamedTuple's Python-level __new__
+
+
 def parse_lsn(text: str) -> Lsn:
     hi, _, lo = text.partition("/")
     return Lsn((int(hi, 16) << 32) | int(lo, 16))
+
+
+def _payload_reader(table: EventTable, column: str | None) -> Callable[[Any], Any]:
+    """How a data/metadata value becomes JSON: jsonb arrives as JSON text (parse it again);
+    bytea as hex (parse the bytes as JSON, else keep the hex); text as is."""
+    encoding = table.payload_encoding.get(column, "jsonb") if column else "text"
+    if encoding == "jsonb":
+        def jsonb(value: str) -> Any:
+            # Most metadata is '{}': a new dict is five times cheaper than parsing one.
+            return {} if value == "{}" else _loads(value)
+        return jsonb
+    if encoding == "bytea":
+        def bytea(value: str) -> Any:
+            raw = bytes.fromhex(value[2:] if value.startswith("\\x") else value)
+            try:
+                return _loads(raw)
+            except orjson.JSONDecodeError:
+                return raw.hex()
+        return bytea
+    return lambda value: value
+
+
+def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
+    """One closure per mapping: the per-insert work is lookups and conversions only. A column
+    the mapping lacks is looked up as None, which no message has: the field stays None."""
+    seq, stream_id, version, etype = table.seq, table.stream_id, table.version, table.type
+    data, metadata, created_at = table.data, table.metadata, table.created_at
+    read_data, read_metadata = _payload_reader(table, data), _payload_reader(table, metadata)
+
+    def build(values: dict[str, Any]) -> Event:
+        get = values.get
+        d, m, t = get(data), get(metadata), get(created_at)
+        # wal2json gives bigint as a JSON number: no int() needed. stream_id is text for us but
+        # may be a number in a mapped table, and Event.stream_id is always a str.
+        sid = values[stream_id]
+        return _new_event(Event, (
+            values[seq],
+            sid if sid.__class__ is str else str(sid),
+            get(version),
+            get(etype),
+            read_data(d) if d is not None else None,
+            read_metadata(m) if m is not None else None,
+            _timestamp(t) if t is not None else None,
+        ))
+
+    return build
 
 
 class Decoder:
@@ -49,7 +111,8 @@ class Decoder:
     """
 
     __slots__ = ("table", "chunk_events", "_xid", "_commit_lsn", "_end_lsn", "_time", "_events",
-                 "_part", "_in_tx", "_known", "_fields", "_json_cols", "messages")
+                 "_part", "_in_tx", "_known", "_fields", "_name", "_schema", "_strict", "_build",
+                 "_nextlsn", "messages")
 
     def __init__(self, table: EventTable = DEFAULT_TABLE, *, chunk_events: int = DEFAULT_CHUNK_EVENTS):
         self.table = table
@@ -61,18 +124,92 @@ class Decoder:
         self._commit_lsn: Lsn | None = None
         self._end_lsn: Lsn | None = None
         self._time: datetime | None = None
+        self._nextlsn = "0/0"
         self.messages: list[tuple[str, str]] = []  # (prefix, content) of our logical messages
         cols = (table.seq, table.stream_id, table.version, table.type, table.data,
                 table.metadata, table.created_at, table.xid)
         self._fields = cols
         self._known = frozenset(c for c in cols if c)
-        self._json_cols = {c: table.payload_encoding.get(c, "jsonb") for c in (table.data, table.metadata) if c}
+        self._name, self._schema, self._strict = table.name, table.schema, table.strict
+        self._build = _event_builder(table)
 
     @property
     def in_transaction(self) -> bool:
         return self._in_tx
 
+    def decode(self, messages: list[memoryview], out: list[Transaction]) -> None:
+        """Decode XLogData messages as they come off the wire ('w', three 8-byte header fields,
+        then the plugin's bytes), appending finished transactions to `out`.
+
+        The hot path: one call per batch, state in locals, begin/insert/commit inlined (about
+        2 µs of Python a message on top of the JSON parse). Anything unusual goes through
+        `feed`, which has every check; its errors carry the message's LSN from the header.
+        """
+        in_tx = self._in_tx
+        events = self._events
+        chunk = self.chunk_events
+        build, known, strict = self._build, self._known, self._strict
+        name, schema = self._name, self._schema
+        loads = _loads
+        for m in messages:
+            payload = m[25:]
+            if len(payload) > 12 and payload[10] == 34 and payload[12] == 34:
+                action = payload[11]
+                if in_tx:
+                    if action == 67 and payload[-1] == 125:  # '{"action":"C"...}': nothing to read
+                        in_tx = self._in_tx = False
+                        # The commit's XLogData starts where the transaction ends (its nextlsn).
+                        out.append(Transaction(self._xid, self._commit_lsn, _new_lsn(Lsn, _start(m)),
+                                               self._time, events, "stream", self._part, True))
+                        events = self._events = []
+                        continue
+                    if action == 73:  # '{"action":"I"'
+                        try:
+                            msg = loads(payload)
+                            if msg["table"] != name or msg["schema"] != schema:
+                                raise KeyError("table")
+                            values = {c["name"]: c["value"] for c in msg["columns"]}
+                            if strict and not known.issuperset(values):
+                                raise self._altered(values, _start(m))
+                            events.append(build(values))
+                        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                            self._events = events
+                            self.feed(payload, _start(m))  # raises the precise error
+                            raise  # pragma: no cover - feed accepts only what we refused by mistake
+                        if len(events) >= chunk:
+                            self._events = events
+                            out.append(self._emit(final=False))
+                            events = self._events
+                        continue
+                elif action == 66:  # '{"action":"B"'
+                    try:
+                        msg = loads(payload)
+                        self._xid = msg["xid"]
+                        self._commit_lsn = parse_lsn(msg["lsn"])
+                        self._nextlsn = msg["nextlsn"]  # parsed only if a part needs it
+                        self._end_lsn = None
+                        stamp = msg["timestamp"]
+                        self._time = _timestamp(stamp) if stamp else None
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        self.feed(payload, _start(m))  # raises the precise error
+                        raise  # pragma: no cover
+                    in_tx = self._in_tx = True
+                    self._part = 0
+                    continue
+            tx = self.feed(payload, _start(m))
+            in_tx = self._in_tx
+            events = self._events
+            if tx is not None:
+                out.append(tx)
+
     def feed(self, payload: bytes | memoryview, lsn: int = 0) -> Transaction | None:
+        # A commit needs nothing from its body (the begin carried xid and LSNs): recognise
+        # wal2json's fixed '{"action":"C",...}' without parsing it, a third of the messages of a
+        # one-row transaction. Anything else, or anything unexpected, takes the full parse.
+        if self._in_tx and len(payload) > 12 and payload[11] == 67 and payload[10] == 34 \
+                and payload[12] == 34 and payload[-1] == 125:
+            self._in_tx = False
+            return self._emit(final=True)
         try:
             msg = _loads(payload)
             action = msg["action"]
@@ -81,8 +218,23 @@ class Decoder:
         if action == "I":
             if not self._in_tx:
                 raise self._error("insert outside a transaction", payload, lsn)
-            self._events.append(self._event(msg, payload, lsn))
-            if len(self._events) >= self.chunk_events:
+            if msg.get("table") != self._name or msg.get("schema") != self._schema:
+                raise self._error(f"change of unknown table {msg.get('schema')}.{msg.get('table')}", payload, lsn)
+            try:
+                values = {c["name"]: c["value"] for c in msg["columns"]}
+            except (KeyError, TypeError):
+                raise self._error("insert without its columns", payload, lsn) from None
+            if self._strict and not self._known.issuperset(values):
+                raise self._altered(values, lsn)
+            try:
+                event = self._build(values)
+            except KeyError as err:
+                raise self._error(f"insert lacks column {err}: the table was altered", payload, lsn) from None
+            except (ValueError, TypeError, AttributeError) as err:
+                raise self._error(f"undecodable value ({err})", payload, lsn) from None
+            events = self._events
+            events.append(event)
+            if len(events) >= self.chunk_events:
                 return self._emit(final=False)
             return None
         if action == "B":
@@ -131,55 +283,20 @@ class Decoder:
         raise self._error(f"unknown action {action!r}", payload, lsn)
 
     def _emit(self, *, final: bool) -> Transaction:
+        if self._end_lsn is None:
+            self._end_lsn = parse_lsn(self._nextlsn)
         tx = Transaction(self._xid, self._commit_lsn, self._end_lsn, self._time, self._events,
                          "stream", self._part, final)
         self._events = []
         self._part += 1
         return tx
 
-    def _event(self, msg: dict[str, Any], payload: bytes | memoryview, lsn: int) -> Event:
-        t = self.table
-        if msg.get("table") != t.name or msg.get("schema") != t.schema:
-            raise self._error(f"change of unknown table {msg.get('schema')}.{msg.get('table')}", payload, lsn)
-        try:
-            values = {c["name"]: c["value"] for c in msg["columns"]}
-        except (KeyError, TypeError):
-            raise self._error("insert without its columns", payload, lsn) from None
-        if t.strict and not self._known.issuperset(values):
-            extra = sorted(set(values) - self._known)
-            raise UnsupportedChangeError(
-                f"{t.qualified} has columns cdc does not know ({', '.join(extra)}) at {Lsn(lsn)}: "
-                "the table was altered; undo the change or map the table (--preset, --*-column)"
-            )
-        try:
-            seq, stream_id, version, etype, data, metadata, created_at, _ = self._fields
-            return Event(
-                int(values[seq]),
-                str(values[stream_id]),
-                values[version] if version else None,
-                values[etype] if etype else None,
-                self._json(data, values[data]) if data else None,
-                self._json(metadata, values[metadata]) if metadata else None,
-                _timestamp(values[created_at]) if created_at and values[created_at] is not None else None,
-            )
-        except KeyError as err:
-            raise self._error(f"insert lacks column {err}: the table was altered", payload, lsn) from None
-        except (ValueError, TypeError) as err:
-            raise self._error(f"undecodable value ({err})", payload, lsn) from None
-
-    def _json(self, column: str, value: Any) -> Any:
-        if value is None:
-            return None
-        encoding = self._json_cols[column]
-        if encoding == "jsonb":
-            return _loads(value)
-        if encoding == "bytea":
-            raw = bytes.fromhex(value[2:] if value.startswith("\\x") else value)
-            try:
-                return _loads(raw)
-            except orjson.JSONDecodeError:
-                return raw.hex()
-        return value
+    def _altered(self, values: dict[str, Any], lsn: int) -> UnsupportedChangeError:
+        extra = sorted(set(values) - self._known)
+        return UnsupportedChangeError(
+            f"{self.table.qualified} has columns cdc does not know ({', '.join(extra)}) at {Lsn(lsn)}: "
+            "the table was altered; undo the change or map the table (--preset, --*-column)"
+        )
 
     def _error(self, what: str, payload: bytes | memoryview, lsn: int) -> DecodeError:
         raw = bytes(payload)

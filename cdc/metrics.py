@@ -24,6 +24,8 @@ HOLE_AGE = Gauge("cdc_poll_hole_age_seconds", "Age of the oldest sequence hole t
 HOLE_HOLDER = Gauge("cdc_poll_hole_holder_pid", "Backend pid of a live transaction holding the oldest hole (0: none).", registry=REGISTRY)
 MODE = Gauge("cdc_mode", "1 for the path currently delivering (stream or poll).", ["path"], registry=REGISTRY)
 LAST_DELIVERY = Gauge("cdc_last_delivery_timestamp_seconds", "Unix time of the last delivery to the sink.", registry=REGISTRY)
+WORKER_QUEUE_DEPTH = Gauge("cdc_worker_queue_depth", "Slices waiting in a worker's queue (--workers N > 1); a full queue stalls the feed.", ["worker"], registry=REGISTRY)
+WORKER_OLDEST_AGE = Gauge("cdc_worker_oldest_age_seconds", "Age of the oldest slice a worker has not finished (0: idle); grows while its handler is stuck.", ["worker"], registry=REGISTRY)
 
 
 @dataclass

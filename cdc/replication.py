@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import select
 import struct
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,7 +76,16 @@ class ReplicationStream:
     loop and `send_status()` as positions are acknowledged; `close()` at the end. Keepalives that
     ask for a reply are answered inside `read()` with the last acknowledged position, at once:
     an unanswered one gets the walsender killed at wal_sender_timeout.
+
+    A handler slower than wal_sender_timeout would still get it killed, since `read()` is not
+    called while the handler runs: a daemon thread sends a status update whenever no message
+    went out for `keepalive_interval` seconds (any message from us resets the walsender's
+    timeout, even while it is blocked writing to us). libpq is not thread-safe for concurrent
+    use of one connection, so every use of `pgconn` holds `_io`; the thread only tries the lock,
+    so it never waits on a `read()` in progress (which answers keepalives itself).
     """
+
+    keepalive_interval = 1.0
 
     def __init__(self, dsn: str, slot: str, *, plugin: str = "wal2json"):
         self.dsn = dsn
@@ -89,6 +99,8 @@ class ReplicationStream:
         self.server_wal_end = Lsn(0)  # the server's WAL end, from the last message or keepalive
         self.last_status_at = 0.0
         self.streaming = False
+        self._io = threading.RLock()
+        self._keepalive: threading.Thread | None = None
 
     # -- connection and commands ------------------------------------------------------------
 
@@ -142,6 +154,25 @@ class ReplicationStream:
         self.flushed = max(self.flushed, start_lsn)
         self.streaming = True
         self.last_status_at = time.monotonic()
+        self._keepalive = threading.Thread(target=self._keep_alive, name="cdc-keepalive", daemon=True)
+        self._keepalive.start()
+
+    def _keep_alive(self) -> None:
+        """While the caller is away from `read()` (a slow handler), keep the walsender from
+        timing out. Any error ends the thread: the next `read()` reports the lost connection."""
+        while self.streaming and self.pgconn is not None:
+            time.sleep(0.25)
+            if time.monotonic() - self.last_status_at < self.keepalive_interval:
+                continue
+            if not self._io.acquire(blocking=False):
+                continue
+            try:
+                if self.streaming and self.pgconn is not None:
+                    self.send_status()
+            except Exception:
+                return
+            finally:
+                self._io.release()
 
     def _command(self, command: str) -> psycopg.Cursor:
         assert self.conn is not None, "open() first"
@@ -184,26 +215,32 @@ class ReplicationStream:
 
     # -- streaming --------------------------------------------------------------------------
 
-    def read(self, timeout: float, out: list[tuple[int, memoryview]], limit: int = 5000) -> int:
-        """Append up to `limit` XLogData (start LSN, payload) to `out`, waiting up to `timeout`
-        seconds for the first; returns how many were added. Drains what libpq has buffered
-        before touching the socket: one syscall serves many messages."""
+    def read(self, timeout: float, out: list[memoryview], limit: int = 5000) -> int:
+        """Append up to `limit` XLogData messages, whole (header and payload), to `out`,
+        waiting up to `timeout` seconds for the first; returns how many were added. Drains
+        what libpq has buffered before touching the socket: one syscall serves many messages.
+        Headers are read once per batch, not per message: the hot path only appends."""
+        with self._io:
+            return self._read(timeout, out, limit)
+
+    def _read(self, timeout: float, out: list[memoryview], limit: int) -> int:
         pgconn = self.pgconn
         assert pgconn is not None
+        get = pgconn.get_copy_data
+        append = out.append
         added = 0
         consumed = False
+        last = None
         try:
             while added < limit:
-                nbytes, buf = pgconn.get_copy_data(1)
+                nbytes, buf = get(1)
                 if nbytes > 0:
                     consumed = False
                     kind = buf[0]
                     if kind == _XLOGDATA:
-                        start, wal_end, _ = _W_HEADER.unpack_from(buf, 1)
-                        out.append((start, buf[25:]))
+                        append(buf)
                         added += 1
-                        if wal_end > self.server_wal_end:
-                            self.server_wal_end = Lsn(wal_end)
+                        last = buf
                     elif kind == _KEEPALIVE:
                         wal_end, _, reply = _K_BODY.unpack_from(buf, 1)
                         if wal_end > self.server_wal_end:
@@ -225,10 +262,12 @@ class ReplicationStream:
                     raise self._ended()
         except psycopg.Error as err:
             raise self._lost(str(err)) from None
-        if added:
-            last = out[-1][0]
-            if last > self.received:
-                self.received = Lsn(last)
+        if last is not None:
+            start, wal_end, _ = _W_HEADER.unpack_from(last, 1)
+            if start > self.received:
+                self.received = Lsn(start)
+            if wal_end > self.server_wal_end:
+                self.server_wal_end = Lsn(wal_end)
         return added
 
     def send_status(self, *, reply: bool = False) -> None:
@@ -238,12 +277,13 @@ class ReplicationStream:
             return
         msg = _STATUS.pack(b"r", max(self.received, self.flushed), self.flushed, self.flushed,
                            now_pg_us(), 1 if reply else 0)
-        try:
-            pgconn.put_copy_data(msg)
-            while pgconn.flush() == 1:
-                select.select([], [pgconn.socket], [], 1.0)
-        except psycopg.Error as err:
-            raise self._lost(str(err)) from None
+        with self._io:
+            try:
+                pgconn.put_copy_data(msg)
+                while pgconn.flush() == 1:
+                    select.select([], [pgconn.socket], [], 1.0)
+            except psycopg.Error as err:
+                raise self._lost(str(err)) from None
         self.last_status_at = time.monotonic()
 
     def acknowledge(self, lsn: Lsn) -> None:
@@ -278,8 +318,9 @@ class ReplicationStream:
 
     def close(self) -> None:
         """End the stream politely (the server logs no error), then close the connection."""
-        conn, pgconn = self.conn, self.pgconn
-        self.conn = self.pgconn = None
+        with self._io:  # the keepalive thread sees pgconn None and ends
+            conn, pgconn = self.conn, self.pgconn
+            self.conn = self.pgconn = None
         if conn is None:
             return
         try:

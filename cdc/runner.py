@@ -17,7 +17,7 @@ from .checkpoint import Projection
 from .config import Settings
 from .connection import connect, resolve_dsn
 from .consumer import Consumer
-from .errors import CdcError, SinkError, SlotInUseError
+from .errors import CdcError, ConfigError, SinkError, SlotInUseError
 from .events import Lsn, Transaction
 from .sinks import Sink, load_callable, open_sink
 from .store import DEFAULT_TABLE, EventTable
@@ -189,7 +189,7 @@ def run(settings: Settings) -> int:
                     checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
                     stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
                     record_deliveries=settings.record_deliveries or settings.reconcile,
-                    reconnect=True,
+                    reconnect=True, auto_ack=settings.workers == 1,
                 )
             except Exception:
                 if projection_conn is not None:
@@ -213,9 +213,19 @@ def run(settings: Settings) -> int:
 def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sink, psycopg.Connection | None]:
     if settings.sink.startswith("python:"):
         handler = load_callable(settings.sink.removeprefix("python:"))
+        if settings.workers > 1:
+            from .workers import Partitions
+
+            return Partitions(handler, dsn, consumer=settings.consumer, workers=settings.workers), None  # type: ignore[arg-type]
         conn = connect(dsn, autocommit=True)
+        from .workers import retire_partitions
+
+        retire_partitions(conn, settings.consumer, 1)  # after a run with --workers N > 1
         return Projection(handler, conn, consumer=settings.consumer), conn  # type: ignore[arg-type]
     if settings.sink.startswith("webhook:"):
+        if settings.workers > 1:
+            raise ConfigError("--workers > 1 does not serve the webhook sink yet: slices of one transaction would "
+                              "share its Idempotency-Key; use --workers 1")
         from .webhook import WebhookSink
 
         return WebhookSink(settings.sink.removeprefix("webhook:"), secret=settings.webhook_secret,
@@ -250,8 +260,13 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
         while True:
             try:
                 try:
-                    for tx in consumer:
-                        deliver(tx)
+                    if settings.workers > 1:
+                        from .workers import run_workers
+
+                        run_workers(consumer, sink, settings.workers, lambda s: Delivery(s, settings, dsn, stop))
+                    else:
+                        for tx in consumer:
+                            deliver(tx)
                 except SinkError:
                     if not stop.is_set():
                         raise

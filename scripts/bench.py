@@ -32,7 +32,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdc import Consumer, Lsn, embedded_cluster, setup  # noqa: E402
+from cdc import Consumer, Lsn, embedded_cluster, setup, tune_gc  # noqa: E402
 from cdc.decoding import PLUGIN_OPTIONS  # noqa: E402
 from cdc.sinks import NullSink  # noqa: E402
 
@@ -418,6 +418,7 @@ def write_report(out: Path, results: dict[str, Any], samples: dict[str, list[flo
 
 
 def main() -> None:
+    tune_gc()  # as `cdc run` does
     if len(sys.argv) > 1 and sys.argv[1] == "_drain":
         return child_drain(*sys.argv[2:5])
     if len(sys.argv) > 1 and sys.argv[1] == "_latency":

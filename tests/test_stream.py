@@ -26,9 +26,10 @@ def reference_slot(conn: psycopg.Connection, name: str = "ref") -> None:
     conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (name,))
 
 
-def reference_commit_order(conn: psycopg.Connection, name: str = "ref") -> list[tuple[int, list[int]]]:
-    """An independent reader of the same WAL (SQL interface, no cdc code): (xid, seqs) per commit."""
-    out: list[tuple[int, list[int]]] = []
+def reference_commit_order(conn: psycopg.Connection, name: str = "ref") -> list[tuple[int, str, str, list[int]]]:
+    """An independent reader of the same WAL (SQL interface, no cdc code): (xid, commit LSN,
+    end LSN, seqs) per commit."""
+    out: list[tuple[int, str, str, list[int]]] = []
     current: list[int] = []
     for (data,) in conn.execute(f"SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL, {OPTS})", (name,)):
         msg = orjson.loads(data)
@@ -37,7 +38,7 @@ def reference_commit_order(conn: psycopg.Connection, name: str = "ref") -> list[
         elif msg["action"] == "I":
             current.append(next(c["value"] for c in msg["columns"] if c["name"] == "seq"))
         elif msg["action"] == "C" and current:
-            out.append((msg["xid"], current))
+            out.append((msg["xid"], msg["lsn"], msg["nextlsn"], current))
     return out
 
 
@@ -57,7 +58,8 @@ def test_concurrent_writers_rollbacks_and_held_transactions_deliver_committed_se
     # Commit order, checked against an independent reader of the same WAL.
     reference = reference_commit_order(conn)
     assert all(tx.source == "stream" for tx in col.transactions)
-    assert [(tx.xid, [e.seq for e in tx.events]) for tx in col.transactions if tx.events] == reference
+    assert [(tx.xid, str(tx.commit_lsn), str(tx.end_lsn), [e.seq for e in tx.events])
+            for tx in col.transactions if tx.events] == reference
     # It really is commit order and not seq order: held transactions committed late.
     assert any(b < a for a, b in zip(seqs, seqs[1:]))
     # Per stream, versions arrive 1, 2, 3, ...
@@ -250,4 +252,5 @@ def test_one_million_row_transaction_is_consumed_in_bounded_memory(dsn, conn, tm
     assert out.returncode == 0, out.stderr
     n, rss_mb = map(int, out.stdout.split())
     assert n == 1_000_000
+    print(f"peak RSS {rss_mb} MB")
     assert rss_mb < 300, f"peak RSS {rss_mb} MB"
