@@ -26,8 +26,9 @@ log = logging.getLogger("cdc")
 DSN_HELP = "PostgreSQL connection string (default: $CDC_DSN, else libpq's PGHOST/PGPORT/PGUSER/... variables)"
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Defaults are spelled out in each help text: `run` merges flags with CDC_* and the TOML
+    file, so its flags' own defaults are None and printing them would mislead."""
 
 
 class _MaskingFilter(logging.Filter):
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a shadow poller beside the stream and report every disagreement (metric + log)")
     p.add_argument("--record-deliveries", action="store_true", default=None,
                    help="keep the compact delivery record (seq, xid, LSN) that `cdc reconcile` checks (implied by --reconcile)")
+    p.add_argument("--delivery-retention-hours", type=float, default=None,
+                   help="prune delivery records older than this (default 168)")
     p.add_argument("--max-attempts", type=int, default=None, help="sink attempts per transaction before it counts as poison (default 5)")
     p.add_argument("--on-poison", choices=["stop", "dead-letter"], default=None,
                    help="after --max-attempts failures: stop (default, nothing acknowledged) or move the transaction to cdc.dead_letters and go on")
@@ -154,27 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="replay history at full speed (rebuilds, backfills)", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
-    p.add_argument("--from-seq", type=int, required=True, help="first seq to replay (inclusive)")
+    p.add_argument("--from-seq", type=int, required=True, help="first seq to replay (inclusive; 1 for everything)")
     p.add_argument("--to-seq", type=int, default=None, help="last seq to replay (inclusive; default: the current proven high-water mark)")
-    p.add_argument("--sink", default="stdout", help="stdout, null or jsonl:PATH")
+    p.add_argument("--sink", default="stdout", help="stdout (default), null or jsonl:PATH")
 
     p = sub.add_parser("reconcile", help="check what a consumer was delivered against the table", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
-    p.add_argument("--consumer", default="default", help="consumer whose delivery record to check")
+    p.add_argument("--consumer", default="default", help="consumer whose delivery record to check (default 'default')")
     p.add_argument("--since", default=None, help="only deliveries at or after this time (ISO 8601, or e.g. 10m, 2h, 1d ago)")
-    p.add_argument("--stale-threshold", type=float, default=3.0, help="flag inversions a Marten-style poller with this threshold would have skipped")
+    p.add_argument("--stale-threshold", type=float, default=3.0,
+                   help="flag inversions a Marten-style poller with this threshold (seconds, default 3) would have skipped")
     p.add_argument("--json", action="store_true", help="print one JSON document (findings name seq, stream_id, version, xid, LSNs)")
 
     p = sub.add_parser("check", help="preflight: is this server ready for cdc? one line per check", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
-    p.add_argument("--slot", default="cdc", help="slot to inspect")
+    p.add_argument("--slot", default="cdc", help="slot to inspect (default cdc)")
 
     p = sub.add_parser("demo", help="the whole thing on a throwaway cluster: writers, rollbacks, delivery in commit order",
                        formatter_class=_Formatter)
-    p.add_argument("--seconds", type=float, default=10.0, help="how long the writers write")
-    p.add_argument("--writers", type=int, default=4, help="concurrent writers")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long the writers write (default 10)")
+    p.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
     p.add_argument("--log-format", choices=["text", "json"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help=argparse.SUPPRESS)
     return parser
