@@ -361,7 +361,10 @@ class Consumer:
                     # Handled before the restart (the slot lags our checkpoint): mark, don't emit.
                     self._mark_handled(tx)
                     continue
-                if not tx.events:
+                if not tx.events and tx.part == 0:
+                    # Not an empty final part of a transaction handed over in parts (its size a
+                    # multiple of chunk_events): the sink must see that commit, or a projection's
+                    # open database transaction is acknowledged without being committed.
                     if tx.final and not pending:
                         self._acked_lsn = end
                         self._moved = True

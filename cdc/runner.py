@@ -70,6 +70,25 @@ class Delivery:
                         f"{_one_line(err)} (not acknowledged; fix the sink and restart, or use --on-poison dead-letter)"
                     ) from None
                 self.stop.wait(min(5.0, 0.2 * 2 ** (attempt - 1)))
+                self._reopen_projection(tx)
+
+    def _reopen_projection(self, tx: Transaction) -> None:
+        """A server restart or a terminated backend breaks the projection's connection and rolls
+        back its open transaction: reopen it so the retry starts that transaction over. Parts
+        handed over before the break are gone with it, so a later part may not be retried alone:
+        stop instead (nothing was acknowledged; the next run delivers it again from part 0)."""
+        sink, conn = self.sink, getattr(self.sink, "conn", None)
+        if not isinstance(sink, Projection) or conn is None or not (conn.closed or conn.broken):
+            return
+        if tx.part > 0:
+            raise SinkError(f"the projection's connection broke inside transaction xid={tx.xid} handed over in "
+                            "parts: not acknowledged; it is delivered again from its start on the next run")
+        try:
+            sink.conn = connect(self.dsn, autocommit=True)
+        except CdcError:
+            return  # server still down: the next attempt tries again
+        sink._open = None
+        conn.close()
 
     def _dead_letter(self, tx: Transaction, err: Exception, attempts: int) -> None:
         with connect(self.dsn, autocommit=True) as conn:
