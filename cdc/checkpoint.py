@@ -115,6 +115,7 @@ class Projection:
         self.conn = conn
         self.consumer = consumer
         self._open: AbstractContextManager[object] | None = None
+        self._seqs: list[int] = []  # of the transaction in progress, all its parts
 
     def write(self, tx: Transaction) -> None:
         opened = self._open
@@ -124,33 +125,42 @@ class Projection:
         try:
             if tx.events:
                 self.handler(self.conn, tx)
+                self._seqs.extend(e.seq for e in tx.events)
             if tx.final:
-                if tx.end_lsn is not None:
-                    save(self.conn, self.consumer, Position(lsn=tx.end_lsn))
-                elif tx.events:
-                    # Poll-path events: record them as handled beside the contiguous mark; the
-                    # consumer's next checkpoint folds them into it.
-                    self.conn.execute(
-                        "INSERT INTO cdc.checkpoints AS c (consumer, seqs_above) VALUES (%s, %s) "
-                        "ON CONFLICT (consumer) DO UPDATE SET seqs_above = ARRAY("
-                        "SELECT DISTINCT s FROM unnest(c.seqs_above || excluded.seqs_above) s "
-                        "WHERE s > c.seq ORDER BY 1)",
-                        (self.consumer, [e.seq for e in tx.events]),
-                    )
+                # The stream position and the seqs themselves: a later hand-off replays by seq
+                # (from the consumer's position, which this row feeds), so it must know them too.
+                # The consumer's next checkpoint folds the seqs into its contiguous mark.
+                self.conn.execute(
+                    "INSERT INTO cdc.checkpoints AS c (consumer, lsn, seqs_above) VALUES (%s, %s::pg_lsn, %s) "
+                    "ON CONFLICT (consumer) DO UPDATE SET lsn = greatest(c.lsn, excluded.lsn), "
+                    "seqs_above = ARRAY(SELECT DISTINCT s FROM unnest(c.seqs_above || excluded.seqs_above) s "
+                    "WHERE s > c.seq ORDER BY 1), updated_at = now()",
+                    (self.consumer, str(tx.end_lsn) if tx.end_lsn is not None else None, self._seqs),
+                )
         except BaseException as err:
             self._open = None
+            self._seqs = []
             opened.__exit__(type(err), err, err.__traceback__)
             raise
         if tx.final:
             self._open = None
+            self._seqs = []
             opened.__exit__(None, None, None)  # commit: the handler's writes and the position
 
     def flush(self) -> None:
         pass
 
+    def reset(self, conn: psycopg.Connection) -> None:
+        """Write through `conn` from now on: the old connection broke, and the transaction
+        open on it is gone (rolled back by the server)."""
+        self.conn = conn
+        self._open = None
+        self._seqs = []
+
     def close(self) -> None:
         if self._open is not None:  # a huge transaction cut short: undo its parts
             opened, self._open = self._open, None
+            self._seqs = []
             opened.__exit__(_Abandoned, _Abandoned(), None)
 
 

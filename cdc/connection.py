@@ -69,7 +69,7 @@ def connect(dsn: str, **kwargs: object) -> psycopg.Connection:
         raise connect_error(err, dsn) from None
 
 
-def open_pool(dsn: str, *, max_size: int = 4, name: str = "cdc") -> ConnectionPool:
+def open_pool(dsn: str, *, max_size: int = 4, name: str = "cdc", timeout: float = 30.0) -> ConnectionPool:
     """The pool for ordinary work (setup, appends, polling, checkpoints, the reconciler).
 
     Opened eagerly with one connection so a wrong DSN fails here, with its clear message.
@@ -83,7 +83,7 @@ def open_pool(dsn: str, *, max_size: int = 4, name: str = "cdc") -> ConnectionPo
         name=name,
         kwargs={"autocommit": True},
         open=False,
-        timeout=30,
+        timeout=timeout,
         # A server restart leaves dead connections in the pool: test each on checkout (one
         # round trip, and we check out about once a second).
         check=ConnectionPool.check_connection,

@@ -124,7 +124,9 @@ class Consumer:
         self.backoff_max = backoff_max
         self.on_checkpoint = on_checkpoint
         self._own_pool = pool is None
-        self.pool = pool if pool is not None else open_pool(self.dsn, name=f"cdc-{consumer}")
+        # A short wait for a connection: while the run loop waits it cannot answer the
+        # walsender, and a server shutting down refuses new connections until it is down.
+        self.pool = pool if pool is not None else open_pool(self.dsn, name=f"cdc-{consumer}", timeout=5.0)
         self.checkpoints = Checkpoints(self.pool, consumer)
         self.deliveries = None
         if record_deliveries:
@@ -382,6 +384,8 @@ class Consumer:
                 if endpos is not None and not decoder.in_transaction and rs.server_wal_end >= endpos:
                     self._finish_at_endpos()
                     return
+                if not decoder.in_transaction and not pending:
+                    self._idle_ack(rs, endpos)
                 if endpos is not None:
                     rs.send_status(reply=True)  # the reply's WAL end tells us whether we are done
             self._checkpoint(force=not got)
@@ -390,6 +394,29 @@ class Consumer:
         if decoder.in_transaction and self._pending:
             log.info("stopping inside transaction %s: it will be delivered again from its start",
                      self._pending[-1].xid)
+
+    def _idle_ack(self, rs: ReplicationStream, endpos: Lsn | None) -> None:
+        """When the server asks for a reply while we are idle, confirm its sent position, as
+        pg_recvlogical does: saved in the checkpoint first, then told to the slot.
+
+        Safe: the walsender sends each transaction at its commit, in order, so every commit
+        before its sent position has reached us, and nothing is in our hands or half-received.
+        Needed: at a fast shutdown the walsender waits for the client to confirm all it sent,
+        and our last transaction's end is short of that. Then the checkpoint cannot be saved
+        (the database is going down): the save fails within the pool's timeout, the stream is
+        dropped, and the server goes on without our confirmation. Only on a server request:
+        our own checkpoint write is WAL too, and acknowledging it each idle moment would feed
+        itself.
+        """
+        if not rs.reply_requested:
+            return
+        rs.reply_requested = False
+        target = rs.server_wal_end if endpos is None else min(rs.server_wal_end, endpos)
+        if target > (self._acked_lsn or 0):
+            self._acked_lsn = target
+            self._moved = True
+        if target > rs.flushed:
+            self._checkpoint(final=True)
 
     def _finish_at_endpos(self) -> None:
         self._ack_pending()

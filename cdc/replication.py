@@ -99,6 +99,7 @@ class ReplicationStream:
         self.server_wal_end = Lsn(0)  # the server's WAL end, from the last message or keepalive
         self.last_status_at = 0.0
         self.streaming = False
+        self.reply_requested = False  # the server asked for a reply since the caller last looked
         self._io = threading.RLock()
         self._keepalive: threading.Thread | None = None
 
@@ -209,6 +210,12 @@ class ReplicationStream:
             )
         if state == "42704":
             return SlotLostError(f"slot {slot!r} does not exist ({text})")
+        if state == "42710":
+            # Another consumer created it between our look and our create: it is theirs now.
+            return SlotInUseError(
+                f"slot {slot!r} was just created by another process: stop the other consumer, "
+                "or run this one as a standby (--standby) or with another --slot"
+            )
         if state is None or isinstance(err, psycopg.OperationalError):
             return ConnectionLostError(f"replication connection lost: {mask(text)}")
         return SetupError(f"replication command failed [{state}]: {mask(text)}")
@@ -247,6 +254,12 @@ class ReplicationStream:
                             self.server_wal_end = Lsn(wal_end)
                         if reply:
                             self.send_status()
+                            self.reply_requested = True
+                            if not added:
+                                # Let the caller see the new server position at once: idle, it
+                                # may acknowledge it (a shutting-down walsender asks again and
+                                # again until the client confirms everything it sent).
+                                break
                 elif nbytes == 0:
                     if not consumed:
                         pgconn.consume_input()  # non-blocking: whatever the socket holds now

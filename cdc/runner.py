@@ -84,10 +84,9 @@ class Delivery:
             raise SinkError(f"the projection's connection broke inside transaction xid={tx.xid} handed over in "
                             "parts: not acknowledged; it is delivered again from its start on the next run")
         try:
-            sink.conn = connect(self.dsn, autocommit=True)
+            sink.reset(connect(self.dsn, autocommit=True))
         except CdcError:
             return  # server still down: the next attempt tries again
-        sink._open = None
         conn.close()
 
     def _dead_letter(self, tx: Transaction, err: Exception, attempts: int) -> None:

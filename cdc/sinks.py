@@ -88,6 +88,7 @@ class JsonlSink(StreamSink):
 
     def __init__(self, path: str):
         try:
+            _drop_torn_line(path)
             super().__init__(open(path, "ab"))
         except OSError as err:
             raise ConfigError(f"cannot open {path!r} for the jsonl sink: {err.strerror}") from None
@@ -100,6 +101,32 @@ class JsonlSink(StreamSink):
     def close(self) -> None:
         self.flush()
         self.out.close()
+
+
+def _drop_torn_line(path: str) -> None:
+    """Cut a partial last line left by a kill in the middle of a write. It was never
+    acknowledged, so it will be written again whole; appending after it would glue two records
+    into one unreadable line."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            step = min(65536, end)
+            f.seek(end - step)
+            chunk = f.read(step)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                end = end - step + cut + 1
+                break
+            end -= step
+        if end != size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class CallbackSink:

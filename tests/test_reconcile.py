@@ -64,9 +64,10 @@ class StreamConsumer:
             while time.monotonic() < deadline:
                 if until is None and stop is not None and stop.is_set():
                     until = self.heartbeat()
-                out: list[tuple[int, memoryview]] = []
+                out: list[memoryview] = []
                 stream.read(0.1, out)
-                txs = [tx for lsn, payload in out if (tx := decoder.feed(payload, lsn)) is not None]
+                txs: list[Transaction] = []
+                decoder.decode(out, txs)
                 if not txs:
                     continue
                 self.log.record(txs)  # before the checkpoint, as the run loop does

@@ -61,3 +61,15 @@ def test_fast_replay_respects_the_range(dsn, conn):
     summary = replay(dsn, from_seq=2, to_seq=4, sink=StreamSink(buf), progress=False)
     assert summary.events == 2
     assert [line.split(b",")[0] for line in buf.getvalue().splitlines()] == [b'{"seq":3', b'{"seq":4']
+
+
+def test_jsonl_sink_cuts_a_torn_last_line_before_appending(tmp_path):
+    from cdc.sinks import JsonlSink
+
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"seq":1}\n{"seq":2}\n{"seq":3,"str')  # killed mid-write
+    JsonlSink(str(path)).close()
+    assert path.read_bytes() == b'{"seq":1}\n{"seq":2}\n'
+    path.write_bytes(b'{"seq":1')  # not even one whole line
+    JsonlSink(str(path)).close()
+    assert path.read_bytes() == b""
