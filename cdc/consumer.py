@@ -22,8 +22,8 @@ import asyncio
 import gc
 import logging
 import time
-from datetime import datetime
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 import psycopg
@@ -59,6 +59,9 @@ Mode = Literal["stream", "poll", "auto"]
 UNAVAILABLE = (WalLevelError, PluginMissingError, PluginNotAllowedError, ReplicationPrivilegeError)
 
 
+# Seconds to wait for a slot held by another walsender before saying it is in use.
+SLOT_RELEASE_GRACE = 5.0
+
 # Handled transactions are kept for one pass of bookkeeping at the checkpoint, up to this many
 # events: beyond, the pass runs early, so memory does not grow with throughput.
 _SETTLE_EVENTS = 20_000
@@ -71,8 +74,8 @@ def tune_gc(gen0: int = 50_000) -> None:
     `cdc run`, `cdc replay` and the benchmarks call this; call it in your own consumer process
     when throughput matters. Process-wide, so the library never does it behind your back."""
     gc.freeze()  # what exists now (modules, the pool) is never scanned again
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, gc.get_threshold()[0]), gen1, gen2)
+    threshold0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, threshold0), gen1, gen2)
 
 
 class Consumer:
@@ -277,6 +280,12 @@ class Consumer:
         rs.open()
         metrics.STATUS.connected = True
         info = rs.slot_info()
+        # A consumer restarted right after a kill -9 finds its old walsender still holding the
+        # slot for a moment (until the server notices the dead socket): give it a few seconds.
+        deadline = time.monotonic() + SLOT_RELEASE_GRACE
+        while info is not None and info.active_pid is not None and time.monotonic() < deadline and not self._stop:
+            time.sleep(0.25)
+            info = rs.slot_info()
         if info is not None and info.active_pid is not None:
             raise SlotInUseError(
                 f"slot {self.slot!r} is in use by another process (pid {info.active_pid}): stop it, "
@@ -326,6 +335,7 @@ class Consumer:
         for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000):
             count += len(tx.events)
             yield from self._hand_over(tx)
+            self._checkpoint()  # a long replay killed midway resumes from here, not from zero
             if self._stop:
                 # Not finished: the consumer has no position at the slot's start, so the next
                 # run repeats the hand-off from the seq position saved now.

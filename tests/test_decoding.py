@@ -111,3 +111,37 @@ def test_truncated_valid_messages_raise(cut, seq):
     if cut < len(msg):
         with pytest.raises(DecodeError):
             d.feed(msg[:cut], 5)
+
+
+def frame(payload: bytes, lsn: int = 0x100) -> memoryview:
+    """An XLogData message as it comes off the wire: 'w', start, WAL end, time, then the payload."""
+    import struct
+
+    return memoryview(b"w" + struct.pack("!QQQ", lsn, lsn, 0) + payload)
+
+
+def test_batch_decode_matches_message_by_message_decode():
+    msgs = [b(xid=7), i(1, xid=7), i(2, xid=7, data='{"n": [1, {"x": null}]}'), c(xid=7),
+            b(xid=8, lsn="0/200", nextlsn="0/230"), i(3, stream="t", xid=8), c(xid=8, lsn="0/200", nextlsn="0/230")]
+    one = Decoder()
+    expected = [tx for tx in (one.feed(m, 1) for m in msgs) if tx]
+    out: list = []
+    # The commit's header start is the transaction's end (its nextlsn), as on the wire.
+    Decoder().decode([frame(m, 0x130 if m is msgs[3] else 0x230 if m is msgs[6] else 0x100) for m in msgs], out)
+    assert [(t.xid, t.commit_lsn, t.end_lsn, t.events) for t in out] == \
+        [(t.xid, t.commit_lsn, t.end_lsn, t.events) for t in expected]
+
+
+def test_batch_decode_notices_a_column_added_after_the_layout_was_learnt():
+    d = Decoder()
+    d.decode([frame(b()), frame(i(1))], [])
+    with pytest.raises(UnsupportedChangeError, match="tenant"):
+        d.decode([frame(i(2, extra=[{"name": "tenant", "type": "text", "value": "x"}]))], [])
+
+
+def test_batch_decode_errors_carry_the_lsn_from_the_header():
+    d = Decoder()
+    d.decode([frame(b())], [])
+    with pytest.raises(DecodeError) as info:
+        d.decode([frame(b'{"action":"I","xid":7,"columns":', 0xABCDEF)], [])
+    assert info.value.lsn == 0xABCDEF and "0/ABCDEF" in str(info.value)
