@@ -107,7 +107,10 @@ class ReplicationStream:
 
     def open(self) -> None:
         try:
-            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True)
+            # prepare_threshold=None: psycopg would prepare a command run five times (the
+            # extended protocol), which a replication connection refuses.
+            self.conn = psycopg.connect(self.dsn, replication="database", autocommit=True,
+                                        prepare_threshold=None)
         except (psycopg.OperationalError, psycopg.ProgrammingError) as err:
             raise connect_error(err, self.dsn) from None
         row = self.conn.execute("SELECT pg_backend_pid()").fetchone()
