@@ -8,11 +8,10 @@ skipped, so the slot is never acknowledged past it.
 
 from __future__ import annotations
 
-from datetime import datetime
-from collections.abc import Callable
-from typing import Any
-
 import struct
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import orjson
 
@@ -87,7 +86,7 @@ def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
         # The common case (cdc.events, Marten), inlined: one call per insert, not four.
         loads, timestamp = _loads, _timestamp
 
-        def build_jsonb(values: dict[str, Any]) -> Event:
+        def build_jsonb(values: dict[Any, Any]) -> Event:
             get = values.get
             d, m, t = get(data), get(metadata), get(created_at)
             sid = values[stream_id]
@@ -103,7 +102,7 @@ def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
 
         return build_jsonb
 
-    def build(values: dict[str, Any]) -> Event:
+    def build(values: dict[Any, Any]) -> Event:
         get = values.get
         d, m, t = get(data), get(metadata), get(created_at)
         # wal2json gives bigint as a JSON number: no int() needed. stream_id is text for us but

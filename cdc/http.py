@@ -22,7 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .connection import connect, mask
 from .errors import CdcError, ConfigError
-from .metrics import LAG_BYTES, REGISTRY, SLOT_RETAINED_BYTES, SLOT_WAL_STATUS, STATUS, Status
+from .metrics import (
+    LAG_BYTES,
+    REGISTRY,
+    SLOT_RETAINED_BYTES,
+    SLOT_WAL_STATUS,
+    STATUS,
+    Status,
+)
 
 log = logging.getLogger("cdc.http")
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,7 +29,8 @@ log = logging.getLogger("cdc.run")
 def table_for(settings: Settings) -> EventTable:
     """The events table the settings name: a preset (default cdc.events), with --table and
     the column settings mapped over it (see presets.py)."""
-    from .presets import columns_from, table_for as preset_table
+    from .presets import columns_from
+    from .presets import table_for as preset_table
 
     columns = columns_from(settings)
     if (settings.preset in (None, "cdc") and settings.table is None and settings.data_encoding is None
@@ -107,66 +109,64 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-class Heartbeat:
+class Periodic:
+    """Runs `task()` every `interval` seconds on a daemon thread until `stop()`. A round that
+    fails is logged; the next one runs as planned. Never touches the replication connection."""
+
+    def __init__(self, name: str, interval: float, task: Callable[[], None]):
+        self.interval = interval
+        self.task = task
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.task()
+            except (psycopg.Error, CdcError) as err:
+                log.warning("%s failed: %s", self._thread.name, _one_line(err))
+
+
+class Heartbeat(Periodic):
     """Writes a logical message every `interval` s while the feed is idle, so the slot's position
     advances (WAL is not held back) and lag is measured even without events."""
 
     def __init__(self, dsn: str, interval: float, consumer: Consumer):
+        super().__init__("cdc-heartbeat", interval, self._beat)
         self.dsn = dsn
-        self.interval = interval
         self.consumer = consumer
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cdc-heartbeat", daemon=True)
+        self._conn: psycopg.Connection | None = None
+        self._seen = -1
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        conn: psycopg.Connection | None = None
-        seen = -1
-        while not self._stop.wait(self.interval):
-            if self.consumer.path != "stream":
-                continue
-            if self.consumer.delivered_events != seen:
-                seen = self.consumer.delivered_events
-                continue
-            try:
-                if conn is None or conn.closed:
-                    conn = connect(self.dsn, autocommit=True)
-                conn.execute("SELECT pg_logical_emit_message(true, 'cdc', %s)", (f"heartbeat {time.time():.6f}",))
-            except (psycopg.Error, CdcError) as err:
-                log.debug("heartbeat failed: %s", err)
-                conn = None
+    def _beat(self) -> None:
+        if self.consumer.path != "stream" or self.consumer.delivered_events != self._seen:
+            self._seen = self.consumer.delivered_events
+            return
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn, autocommit=True)
+        try:
+            self._conn.execute("SELECT pg_logical_emit_message(true, 'cdc', %s)", (f"heartbeat {time.time():.6f}",))
+        except psycopg.Error:
+            self._conn = None
+            raise
 
 
-class Pruner:
-    """Keeps the delivery record within its retention: once a minute, off the delivery path."""
+def pruner(consumer: Consumer, retention_seconds: float, every: float = 60.0) -> Periodic:
+    """Keeps the delivery record within its retention, once a minute, off the delivery path."""
 
-    def __init__(self, consumer: Consumer, retention_seconds: float, every: float = 60.0):
-        self.consumer = consumer
-        self.retention = retention_seconds
-        self.every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="cdc-prune", daemon=True)
+    def prune() -> None:
+        assert consumer.deliveries is not None
+        removed = consumer.deliveries.prune(retention_seconds)
+        if removed:
+            log.info("pruned %d delivery records older than %.0f h", removed, retention_seconds / 3600)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                assert self.consumer.deliveries is not None
-                removed = self.consumer.deliveries.prune(self.retention)
-                if removed:
-                    log.info("pruned %d delivery records older than %.0f h", removed, self.retention / 3600)
-            except (psycopg.Error, CdcError) as err:
-                log.warning("pruning the delivery record failed: %s", _one_line(err))
+    return Periodic("cdc-prune", every, prune)
 
 
 def run(settings: Settings) -> int:
@@ -270,7 +270,7 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
         helpers.append(ShadowReconciler(shadow_pool, settings.consumer,
                                         stale_threshold=settings.stale_threshold, table=consumer.table))
     if consumer.deliveries is not None:
-        helpers.append(Pruner(consumer, settings.delivery_retention_hours * 3600))
+        helpers.append(pruner(consumer, settings.delivery_retention_hours * 3600))
     for h in helpers:
         h.start()
     failed = True
