@@ -81,27 +81,6 @@ def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
     data, metadata, created_at = table.data, table.metadata, table.created_at
     read_data, read_metadata = _payload_reader(table, data), _payload_reader(table, metadata)
 
-    jsonb = {table.payload_encoding.get(c, "jsonb") for c in (data, metadata) if c} <= {"jsonb"}
-    if jsonb and data and metadata and created_at:
-        # The common case (cdc.events, Marten), inlined: one call per insert, not four.
-        loads, timestamp = _loads, _timestamp
-
-        def build_jsonb(values: dict[Any, Any]) -> Event:
-            get = values.get
-            d, m, t = get(data), get(metadata), get(created_at)
-            sid = values[stream_id]
-            return _new_event(Event, (
-                values[seq],
-                sid if sid.__class__ is str else str(sid),
-                get(version),
-                get(etype),
-                loads(d) if d is not None else None,
-                ({} if m == "{}" else loads(m)) if m is not None else None,
-                timestamp(t) if t is not None else None,
-            ))
-
-        return build_jsonb
-
     def build(values: dict[Any, Any]) -> Event:
         get = values.get
         d, m, t = get(data), get(metadata), get(created_at)
