@@ -15,7 +15,8 @@ from pathlib import Path
 import orjson
 import psycopg
 
-from cdc import Consumer, Lsn
+
+from .support import drop_slot_while_running, prime  # noqa: F401  (the suites import them from here too)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,30 +146,6 @@ def terminate_walsender(dsn: str, slot: str) -> bool:
     rows = sql(dsn, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
                     "WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,))
     return bool(rows)
-
-
-def drop_slot_while_running(dsn: str, slot: str, timeout: float = 20.0) -> None:
-    """Terminate the walsender and drop the slot, again and again, until the drop wins the race
-    against the consumer's reconnect."""
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                         "WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,))
-            try:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                return
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.005)
-            except psycopg.errors.UndefinedObject:
-                return
-    raise AssertionError(f"could not drop slot {slot} within {timeout} s")
-
-
-def prime(dsn: str, consumer: str, slot: str = "cdc") -> None:
-    """Create the slot and the consumer's position (an empty hand-off), so later events stream."""
-    with Consumer(dsn, consumer=consumer, slot=slot, endpos=Lsn.parse(current_lsn(dsn))) as feed:
-        assert list(feed) == []
 
 
 # -- cdc run subprocesses -------------------------------------------------------------------------

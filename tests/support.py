@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from cdc import Consumer, Transaction
+from cdc import Consumer, Lsn, Transaction
 
 
 class Rollback(Exception):
@@ -118,3 +118,29 @@ class Collector:
         self.consumer.close()
         if self.error:
             raise self.error
+
+
+def prime(dsn: str, consumer: str, slot: str = "cdc") -> None:
+    """Create the slot and the consumer's position (an empty hand-off), so later events stream."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        lsn = Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+    with Consumer(dsn, consumer=consumer, slot=slot, endpos=lsn) as feed:
+        assert list(feed) == []
+
+
+def drop_slot_while_running(dsn: str, slot: str, timeout: float = 20.0) -> None:
+    """Terminate the walsender and drop the slot, again and again, until the drop wins the race
+    against the consumer's reconnect."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                         "WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,))
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                return
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.005)
+            except psycopg.errors.UndefinedObject:
+                return
+    raise AssertionError(f"could not drop slot {slot} within {timeout} s")

@@ -23,7 +23,6 @@ from .faults import (
     cdc_run,
     check_delivery,
     check_projection,
-    committed_by_xid,
     current_lsn,
     drain,
     drop_slot_while_running,

@@ -12,7 +12,7 @@ from cdc import Consumer
 from cdc.embedded import embedded_cluster
 from cdc import store
 
-from .support import Collector, committed_seqs, write_concurrently
+from .support import Collector, committed_seqs, drop_slot_while_running, write_concurrently
 
 
 def _assert_exactly_once(col: Collector, committed: set[int]) -> None:
@@ -60,27 +60,16 @@ def test_rebuild_from_seq_0_replays_history_then_streams(dsn):
     _assert_exactly_once(col, committed)
 
 
-def test_slot_dropped_mid_run_loses_nothing_and_duplicates_nothing(dsn, conn):
+def test_slot_dropped_mid_run_loses_nothing_and_duplicates_nothing(dsn):
     col = Collector(Consumer(dsn, consumer="d", backoff_max=0.5))
-    stop = threading.Event()
 
     def dropper() -> None:
         time.sleep(1.0)
-        while not stop.is_set():
-            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                         "WHERE slot_name = 'cdc' AND active_pid IS NOT NULL")
-            try:
-                conn.execute("SELECT pg_drop_replication_slot('cdc')")
-                return
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.01)
-            except psycopg.errors.UndefinedObject:
-                return
+        drop_slot_while_running(dsn, "cdc")
 
     t = threading.Thread(target=dropper)
     t.start()
     write_concurrently(dsn, writers=4, seconds=4, max_events=20, rollback=0.2, hold=0.05, seed=7)
-    stop.set()
     t.join()
     committed = committed_seqs(dsn)
     col.wait_for(committed, timeout=60)

@@ -14,7 +14,6 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cdc.embedded import wait_for

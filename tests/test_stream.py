@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,9 @@ import pytest
 
 from cdc import Consumer, Lsn
 from cdc.embedded import restart, wait_for
-from cdc.errors import EventsTableMissingError, SlotInUseError
+from cdc.errors import EventsTableMissingError
 
-from .support import Collector, committed_seqs, write_concurrently
+from .support import Collector, committed_seqs, prime, write_concurrently
 
 OPTS = ("'format-version','2','include-xids','1','include-timestamp','1','include-lsn','1',"
         "'add-tables','cdc.events','actions','insert'")
@@ -68,14 +67,6 @@ def test_concurrent_writers_rollbacks_and_held_transactions_deliver_committed_se
         for e in tx.events:
             assert e.version == last.get(e.stream_id, 0) + 1, (e.stream_id, e.version)
             last[e.stream_id] = e.version
-
-
-def prime(dsn: str, consumer: str) -> None:
-    """Create the slot and the consumer's position (an empty hand-off), so later events stream."""
-    with psycopg.connect(dsn, autocommit=True) as c:
-        lsn = Lsn.parse(c.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-    with Consumer(dsn, consumer=consumer, endpos=lsn) as feed:
-        assert list(feed) == []
 
 
 def _insert(conn, n, stream="s", start=1):

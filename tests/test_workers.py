@@ -23,8 +23,7 @@ from cdc.errors import ConfigError
 from cdc.metrics import REGISTRY
 from cdc.workers import Partitions, worker_of
 
-from .support import committed_seqs, write_concurrently
-from .test_stream import prime
+from .support import committed_seqs, prime, write_concurrently
 
 # -- the dispatcher's bookkeeping, on a fake feed ----------------------------------------------------
 
