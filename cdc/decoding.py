@@ -140,8 +140,8 @@ class Decoder:
     """
 
     __slots__ = ("table", "chunk_events", "_xid", "_commit_lsn", "_end_lsn", "_time", "_events",
-                 "_part", "_in_tx", "_known", "_fields", "_name", "_schema", "_strict", "_build",
-                 "_nextlsn", "_layout", "messages")
+                 "_part", "_in_tx", "_known", "_name", "_schema", "_strict", "_build",
+                 "_nextlsn", "_layout")
 
     def __init__(self, table: EventTable = DEFAULT_TABLE, *, chunk_events: int = DEFAULT_CHUNK_EVENTS):
         self.table = table
@@ -154,10 +154,8 @@ class Decoder:
         self._end_lsn: Lsn | None = None
         self._time: datetime | None = None
         self._nextlsn = "0/0"
-        self.messages: list[tuple[str, str]] = []  # (prefix, content) of our logical messages
         cols = (table.seq, table.stream_id, table.version, table.type, table.data,
                 table.metadata, table.created_at, table.xid)
-        self._fields = cols
         self._known = frozenset(c for c in cols if c)
         self._name, self._schema, self._strict = table.name, table.schema, table.strict
         self._build = _event_builder(table)
@@ -244,13 +242,6 @@ class Decoder:
                 out.append(tx)
 
     def feed(self, payload: bytes | memoryview, lsn: int = 0) -> Transaction | None:
-        # A commit needs nothing from its body (the begin carried xid and LSNs): recognise
-        # wal2json's fixed '{"action":"C",...}' without parsing it, a third of the messages of a
-        # one-row transaction. Anything else, or anything unexpected, takes the full parse.
-        if self._in_tx and len(payload) > 12 and payload[11] == 67 and payload[10] == 34 \
-                and payload[12] == 34 and payload[-1] == 125:
-            self._in_tx = False
-            return self._emit(final=True)
         try:
             msg = _loads(payload)
             action = msg["action"]
@@ -299,7 +290,6 @@ class Decoder:
             self._in_tx = False
             return self._emit(final=True)
         if action == "M":
-            self.messages.append((str(msg.get("prefix")), str(msg.get("content"))))
             if not msg.get("transactional"):
                 # Outside any transaction: acknowledge its position like an empty transaction.
                 try:
