@@ -197,26 +197,20 @@ def run(settings: Settings) -> int:
 
     projection_conn = None
     try:
-        while True:
-            try:
-                sink, projection_conn = _open_sink(settings, dsn, stop)
-                consumer = Consumer(
-                    dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
-                    endpos=Lsn.parse(settings.endpos) if settings.endpos else None,
-                    chunk_events=settings.chunk_events, status_interval=settings.status_interval,
-                    checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
-                    stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
-                    record_deliveries=settings.record_deliveries or settings.reconcile,
-                    reconnect=True, auto_ack=settings.workers == 1,
-                )
-            except Exception:
-                if projection_conn is not None:
-                    projection_conn.close()
-                raise
-            consumer_ref[:] = [consumer]
-            if stop.is_set():
-                consumer.stop()
-            return _drive(consumer, sink, settings, dsn, stop)
+        sink, projection_conn = _open_sink(settings, dsn, stop)
+        consumer = Consumer(
+            dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
+            endpos=Lsn.parse(settings.endpos) if settings.endpos else None,
+            chunk_events=settings.chunk_events, status_interval=settings.status_interval,
+            checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
+            stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
+            record_deliveries=settings.record_deliveries or settings.reconcile,
+            reconnect=True, auto_ack=settings.workers == 1,
+        )
+        consumer_ref[:] = [consumer]
+        if stop.is_set():
+            consumer.stop()
+        return _drive(consumer, sink, settings, dsn, stop)
     except SlotInUseError:
         if not settings.standby or stop.is_set():
             raise
