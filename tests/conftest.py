@@ -55,8 +55,8 @@ def server() -> Iterator[Server]:
         return
     with ExitStack() as stack:
         if _docker_answers():
-            from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
             from testcontainers.core.image import DockerImage  # type: ignore[import-untyped]
+            from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
 
             root = os.path.join(os.path.dirname(__file__), "..", "docker")
             image = stack.enter_context(DockerImage(path=root, dockerfile_path="postgres.Dockerfile", tag="cdc-postgres-test"))

@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 import psycopg
 
-
 from .support import drop_slot_while_running, prime  # noqa: F401  (the suites import them from here too)
 
 ROOT = Path(__file__).resolve().parent.parent

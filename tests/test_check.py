@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from cdc import store
 from cdc.check import CheckResult, format_results, main_check, run_checks
 from cdc.embedded import embedded_cluster
-from cdc import store
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:

@@ -8,9 +8,8 @@ import time
 import psycopg
 import pytest
 
-from cdc import Consumer
+from cdc import Consumer, store
 from cdc.embedded import embedded_cluster
-from cdc import store
 
 from .support import Collector, committed_seqs, drop_slot_while_running, write_concurrently
 
