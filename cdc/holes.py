@@ -288,8 +288,19 @@ class SeqWatermark:
         self.log = logging.getLogger("cdc.holes")
 
     def mark_handled(self, seqs: Iterable[int]) -> None:
-        w = self.seq
-        self.handled.update(s for s in seqs if s > w)
+        # Mostly each seq is the one after the mark (commit order = seq order when writers do
+        # not overlap): move the mark at once, and keep a set only of what lies beyond a gap.
+        w, handled = self.seq, self.handled
+        for s in seqs:
+            if s == w + 1:
+                w = s
+                if handled:
+                    while w + 1 in handled:
+                        w += 1
+                        handled.discard(w)
+            elif s > w:
+                handled.add(s)
+        self.seq = w
 
     @property
     def position(self) -> Position:

@@ -1,10 +1,11 @@
 """cdc's benchmark: every figure a ratio against a reference measured in the same run.
 
-    scripts/bench [--quick] [--out DIR]
+    scripts/bench [--quick] [--out DIR] [--only stream,latency,big] [--runs N]
 
 One embedded cluster (fsync off), one database a scenario so sequences and slots start clean:
 - stream drain: cdc.Consumer(endpos) into a NullSink vs pg_recvlogical -f /dev/null, same WAL,
-  same wal2json options; slots created before the writes; each run twice, alternating, best kept;
+  same wal2json options; slots created before the writes; each run --runs times (3), alternating
+  which goes first, best of each kept (every run is in results.json);
 - replay: cdc.polling.replay into a NullSink vs psql COPY (SELECT * ... ORDER BY seq) > /dev/null;
 - latency commit -> handler at a paced commit rate, stream and poll, with and without a
   transaction holding a sequence number for a while (the consumer runs in its own process);
@@ -124,29 +125,41 @@ def drain_recvlogical(cluster: Any, db: str, slot: str, endpos: Lsn) -> float:
     return time.monotonic() - started
 
 
-def bench_stream(cluster: Any, per: int, events: int) -> dict[str, Any]:
+def bench_stream(cluster: Any, per: int, events: int, runs: int = 3) -> dict[str, Any]:
     db = f"bench_stream_{per}"
     dsn = new_database(cluster, db)
-    names = ["cdc_a", "cdc_b"]
+    names = [f"cdc_{n}" for n in range(runs)]
+    recv_names = [f"recv_{n}" for n in range(runs)]
     for n in names:
         prime(dsn, n)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for n in ("recv_a", "recv_b"):
+        for n in recv_names:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (n,))
     say(f"stream {per}/tx: writing {events:,} events in {events // per:,} transactions")
     endpos = write(dsn, events // per, per)
     cdc_times, recv_times = [], []
-    for cdc_slot, recv_slot in zip(names, ("recv_a", "recv_b")):
-        seconds, got = drain_cdc(dsn, cdc_slot, endpos)
+
+    def cdc_run(slot: str) -> None:
+        seconds, got = drain_cdc(dsn, slot, endpos)
         if got != events:
             raise SystemExit(f"cdc drained {got} events, expected {events}")
         cdc_times.append(seconds)
-        recv_times.append(drain_recvlogical(cluster, db, recv_slot, endpos))
-        say(f"stream {per}/tx: cdc {events / seconds:,.0f}/s, pg_recvlogical {events / recv_times[-1]:,.0f}/s")
+
+    for n, (cdc_slot, recv_slot) in enumerate(zip(names, recv_names)):
+        # Alternate which goes first, so neither always meets a cold cache.
+        if n % 2 == 0:
+            cdc_run(cdc_slot)
+            recv_times.append(drain_recvlogical(cluster, db, recv_slot, endpos))
+        else:
+            recv_times.append(drain_recvlogical(cluster, db, recv_slot, endpos))
+            cdc_run(cdc_slot)
+        say(f"stream {per}/tx: cdc {events / cdc_times[-1]:,.0f}/s, pg_recvlogical {events / recv_times[-1]:,.0f}/s")
     cdc_rate, recv_rate = events / min(cdc_times), events / min(recv_times)
     drop_database(cluster, db)
     return {"events": events, "events_per_tx": per, "cdc_events_per_s": round(cdc_rate),
-            "recvlogical_events_per_s": round(recv_rate), "ratio": round(cdc_rate / recv_rate, 3)}
+            "recvlogical_events_per_s": round(recv_rate), "ratio": round(cdc_rate / recv_rate, 3),
+            "runs": [{"cdc_events_per_s": round(events / c), "recvlogical_events_per_s": round(events / r)}
+                     for c, r in zip(cdc_times, recv_times)]}
 
 
 def drop_database(cluster: Any, db: str) -> None:
@@ -218,8 +231,9 @@ def child_drain(dsn: str, name: str, endpos: str) -> None:
 
 def bench_reconcile(dsn: str, endpos: Lsn, events: int) -> dict[str, Any]:
     try:
-        from cdc.reconcile import reconcile
         from psycopg_pool import ConnectionPool
+
+        from cdc.reconcile import reconcile
     except ImportError as err:
         say(f"reconcile: not available ({err}): null")
         return {"seconds": None, "error": str(err)}
@@ -366,35 +380,49 @@ def machine(cluster: Any) -> dict[str, Any]:
 def write_report(out: Path, results: dict[str, Any], samples: dict[str, list[float]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    s1, s100, rp = results["stream_1"], results["stream_100"], results["replay"]
     rows = [
         "| measure | cdc | reference | ratio (higher is better) | floor |",
         "|---|---|---|---|---|",
-        f"| stream drain, 1 event/tx | {s1['cdc_events_per_s']:,} ev/s | pg_recvlogical {s1['recvlogical_events_per_s']:,} ev/s "
-        f"| {s1['ratio']:.2f}x | >= 1.0x |",
-        f"| stream drain, 100 events/tx | {s100['cdc_events_per_s']:,} ev/s | pg_recvlogical "
-        f"{s100['recvlogical_events_per_s']:,} ev/s | {s100['ratio']:.2f}x | >= 1.0x |",
-        f"| replay {rp['events']:,} events | {rp['cdc_events_per_s']:,} ev/s | psql COPY {rp['copy_events_per_s']:,} ev/s "
-        f"| {rp['ratio']:.2f}x | >= 0.7x |",
-        "",
-        "| latency commit -> handler (ms) | p50 | p95 | p99 | max | commits/s achieved |",
-        "|---|---|---|---|---|---|",
     ]
-    for key, st in results["latency_ms"].items():
-        rows.append(f"| {key} | {st['p50']} | {st['p95']} | {st['p99']} | {st['max']} | {st['achieved_rate']} |")
-    rss, recon = results["peak_rss_mb"], results["reconcile_s"]
+    if "stream_1" in results:
+        s1, s100 = results["stream_1"], results["stream_100"]
+        rows += [
+            f"| stream drain, 1 event/tx | {s1['cdc_events_per_s']:,} ev/s | pg_recvlogical "
+            f"{s1['recvlogical_events_per_s']:,} ev/s | {s1['ratio']:.2f}x | >= 1.0x |",
+            f"| stream drain, 100 events/tx | {s100['cdc_events_per_s']:,} ev/s | pg_recvlogical "
+            f"{s100['recvlogical_events_per_s']:,} ev/s | {s100['ratio']:.2f}x | >= 1.0x |",
+        ]
+    if "replay" in results:
+        rp = results["replay"]
+        rows.append(f"| replay {rp['events']:,} events | {rp['cdc_events_per_s']:,} ev/s | psql COPY "
+                    f"{rp['copy_events_per_s']:,} ev/s | {rp['ratio']:.2f}x | >= 0.7x |")
+    if "latency_ms" in results:
+        rows += [
+            "",
+            "| latency commit -> handler (ms) | p50 | p95 | p99 | max | commits/s achieved |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, st in results["latency_ms"].items():
+            rows.append(f"| {key} | {st['p50']} | {st['p95']} | {st['p99']} | {st['max']} | {st['achieved_rate']} |")
+    if "peak_rss_mb" in results:
+        rss, recon = results["peak_rss_mb"], results["reconcile_s"]
+        rows += [
+            "",
+            "| other | value |",
+            "|---|---|",
+            f"| peak RSS, consumer draining {results['big_events']:,} events | {rss['many_transactions']} MB |",
+            f"| peak RSS, consumer draining one {results['big_events']:,}-row transaction | "
+            f"{rss['one_transaction']} MB (floor < 300) |",
+            f"| reconcile over {results['big_events']:,} delivered events | {'n/a' if recon is None else f'{recon} s'} |",
+        ]
     rows += [
-        "",
-        "| other | value |",
-        "|---|---|",
-        f"| peak RSS, consumer draining {results['big_events']:,} events | {rss['many_transactions']} MB |",
-        f"| peak RSS, consumer draining one {results['big_events']:,}-row transaction | {rss['one_transaction']} MB (floor < 300) |",
-        f"| reconcile over {results['big_events']:,} delivered events | {'n/a' if recon is None else f'{recon} s'} |",
         "",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, PostgreSQL "
         f"{results['machine']['postgresql']}, fsync off, unix socket{' (--quick)' if results['quick'] else ''}.",
     ]
     (out / "results.md").write_text("\n".join(rows) + "\n")
+    if not samples:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,8 +454,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="cdc benchmarks, as ratios against pg_recvlogical and psql COPY")
     parser.add_argument("--quick", action="store_true", help="scaled down to about a minute (for CI)")
     parser.add_argument("--out", default=str(ROOT / "scripts" / "bench-results"), help="where the results go")
+    parser.add_argument("--only", default="stream,latency,big",
+                        help="comma-separated parts to run: stream (drain vs pg_recvlogical), latency, "
+                             "big (replay vs COPY, peak RSS, reconcile); default all")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="stream drains per reader, alternating cdc and pg_recvlogical; the best of "
+                             "each is compared (default 3)")
     args = parser.parse_args()
     quick = args.quick
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = parts - {"stream", "latency", "big"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from stream, latency, big")
     single, multi, big = (20_000, 50_000, 100_000) if quick else (200_000, 500_000, 1_000_000)
     lat_seconds = 2.0 if quick else 10.0
     results: dict[str, Any] = {"quick": quick}
@@ -435,32 +473,37 @@ def main() -> None:
     with embedded_cluster(fast=True) as cluster:
         results["machine"] = machine(cluster)
         say(f"cluster up: PostgreSQL {results['machine']['postgresql']}, {results['machine']['cores']} cores")
-        results["stream_1"] = bench_stream(cluster, 1, single)
-        results["stream_100"] = bench_stream(cluster, 100, multi)
-        latency: dict[str, Any] = {}
-        for path in ("stream", "poll"):
-            for rate in (500, 2000):
-                for held in (False, True):
-                    key = f"{path}_{rate}{'_held_seq' if held else ''}"
-                    stats = bench_latency(cluster, path, rate, held, lat_seconds)
-                    samples[key] = stats.pop("samples")
-                    latency[key] = stats
-        big_results = bench_big(cluster, big, quick)
-    results["stream_vs_recvlogical_1"] = results["stream_1"]["ratio"]
-    results["stream_vs_recvlogical_100"] = results["stream_100"]["ratio"]
-    results["replay"] = big_results["replay"]
-    results["replay_vs_copy"] = big_results["replay"]["ratio"]
-    results["latency_ms"] = latency
-    results["big_events"] = big
-    results["peak_rss_mb"] = {"many_transactions": big_results["rss_many"]["peak_rss_mb"],
-                              "one_transaction": big_results["rss_one_tx"]["peak_rss_mb"]}
-    results["rss_runs"] = {"many_transactions": big_results["rss_many"], "one_transaction": big_results["rss_one_tx"]}
-    results["reconcile_s"] = big_results["reconcile"]["seconds"]
-    results["reconcile"] = big_results["reconcile"]
+        if "stream" in parts:
+            results["stream_1"] = bench_stream(cluster, 1, single, args.runs)
+            results["stream_100"] = bench_stream(cluster, 100, multi, args.runs)
+            results["stream_vs_recvlogical_1"] = results["stream_1"]["ratio"]
+            results["stream_vs_recvlogical_100"] = results["stream_100"]["ratio"]
+        if "latency" in parts:
+            latency: dict[str, Any] = {}
+            for path in ("stream", "poll"):
+                for rate in (500, 2000):
+                    for held in (False, True):
+                        key = f"{path}_{rate}{'_held_seq' if held else ''}"
+                        stats = bench_latency(cluster, path, rate, held, lat_seconds)
+                        samples[key] = stats.pop("samples")
+                        latency[key] = stats
+            results["latency_ms"] = latency
+        if "big" in parts:
+            big_results = bench_big(cluster, big, quick)
+            results["replay"] = big_results["replay"]
+            results["replay_vs_copy"] = big_results["replay"]["ratio"]
+            results["big_events"] = big
+            results["peak_rss_mb"] = {"many_transactions": big_results["rss_many"]["peak_rss_mb"],
+                                      "one_transaction": big_results["rss_one_tx"]["peak_rss_mb"]}
+            results["rss_runs"] = {"many_transactions": big_results["rss_many"],
+                                   "one_transaction": big_results["rss_one_tx"]}
+            results["reconcile_s"] = big_results["reconcile"]["seconds"]
+            results["reconcile"] = big_results["reconcile"]
     results["elapsed_s"] = round(time.monotonic() - STARTED, 1)
     out = Path(args.out)
     write_report(out, results, samples)
-    say(f"done in {results['elapsed_s']} s: {out / 'results.json'}, results.md, latency.png")
+    say(f"done in {results['elapsed_s']} s: {out / 'results.json'}, results.md"
+        f"{', latency.png' if samples else ''}")
     print((out / "results.md").read_text())
 
 

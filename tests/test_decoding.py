@@ -145,3 +145,85 @@ def test_batch_decode_errors_carry_the_lsn_from_the_header():
     with pytest.raises(DecodeError) as info:
         d.decode([frame(b'{"action":"I","xid":7,"columns":', 0xABCDEF)], [])
     assert info.value.lsn == 0xABCDEF and "0/ABCDEF" in str(info.value)
+
+
+def _stream(n_tx: int = 4, per: int = 3) -> list[memoryview]:
+    """`n_tx` transactions of `per` inserts, framed as on the wire (the commit's header start
+    is its nextlsn), with a logical message and an empty transaction among them."""
+    msgs: list[memoryview] = []
+    seq = 0
+    for t in range(n_tx):
+        lsn, nextlsn = f"0/{0x1000 * (t + 1):X}", f"0/{0x1000 * (t + 1) + 0x30:X}"
+        msgs.append(frame(b(xid=100 + t, lsn=lsn, nextlsn=nextlsn), 0x1000 * t + 0x800))
+        for _ in range(per if t != 2 else 0):
+            seq += 1
+            msgs.append(frame(i(seq, stream=f"s{seq % 2}", xid=100 + t), 0x1000 * t + 0x900))
+        msgs.append(frame(c(xid=100 + t, lsn=lsn, nextlsn=nextlsn), 0x1000 * (t + 1) + 0x30))
+        if t == 1:
+            msgs.append(frame(orjson.dumps({"action": "M", "transactional": False, "prefix": "cdc",
+                                            "content": "hb", "lsn": "0/2100"}), 0x2100))
+    return msgs
+
+
+def _summary(txs):
+    return [(t.xid, t.commit_lsn, t.end_lsn, t.commit_time, t.part, t.final, t.events) for t in txs]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 30), max_size=6), st.integers(1, 4))
+def test_batch_decode_gives_the_same_transactions_wherever_the_batches_are_cut(cuts, chunk):
+    # The open transaction's state lives in locals during a batch and is saved at its end:
+    # cutting the stream anywhere, with parts of any size, must not change what comes out.
+    msgs = _stream()
+    one = Decoder(chunk_events=chunk)
+    expected = []
+    for m in msgs:
+        tx = one.feed(m[25:], 0)
+        if tx is not None:
+            expected.append(tx)
+    d, out, at = Decoder(chunk_events=chunk), [], 0
+    for cut in sorted(set(cuts)) + [len(msgs)]:
+        d.decode(msgs[at:cut], out)
+        at = max(at, cut)
+    assert _summary(out) == _summary(expected)
+    assert not d.in_transaction
+
+
+@pytest.mark.parametrize("bad", [
+    b'{"action":"B","xid":7,"timestamp":null,"lsn":"zz/1","nextlsn":"0/130"}',  # LSN not hex
+    b'{"action":"B","xid":"7","lsn":"0/100","nextlsn":"0/130"}',  # xid not a number
+    b'{"action":"B","xid":7,"nextlsn":"0/130"}',  # no lsn
+])
+def test_batch_decode_refuses_a_bad_begin(bad):
+    with pytest.raises(DecodeError):
+        Decoder().decode([frame(bad, 0x77)], [])
+
+
+@pytest.mark.parametrize("bad", [
+    b'{"action":"I","xid":7,"schema":"cdc","table":"events","columns":[{"name":"seq"}]}',  # no value
+    b'{"action":"I","xid":7,"schema":"cdc","table":"events","columns":{"seq":1}}',  # not a list
+    b'{"action":"I","xid":7,"schema":"cdc","table":"events"}',  # no columns
+    b'{"action":"I","xid":7,"schema":"cdc","table":"other","columns":[]}',  # another table
+    b'{"action":"I","xid":7,"schema":"cdc","table":"events","columns":[{"name":"seq","value":1}',  # cut
+])
+def test_batch_decode_refuses_a_bad_insert_and_keeps_the_transaction_open(bad):
+    d = Decoder()
+    out: list = []
+    d.decode([frame(b()), frame(i(1))], out)
+    with pytest.raises(DecodeError) as info:
+        d.decode([frame(i(2)), frame(bad, 0x99)], out)
+    assert info.value.lsn == 0x99 and out == []
+    # Nothing of the transaction was handed over: it is delivered again after the fix.
+    assert d.in_transaction
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 400))
+def test_batch_decode_refuses_every_truncated_insert(cut):
+    msg = i(5)
+    if cut >= len(msg):
+        return
+    d = Decoder()
+    d.decode([frame(b())], [])
+    with pytest.raises(DecodeError):
+        d.decode([frame(msg[:cut])], [])

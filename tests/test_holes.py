@@ -159,3 +159,18 @@ def test_tracker_never_passes_a_seq_that_later_commits(fates, rnd):
         if scan.new_gaps:
             t.add(scan.new_gaps, {}, now=0.0)
     assert delivered == sorted(committed)
+
+
+def test_watermark_moves_over_contiguous_seqs_and_keeps_only_what_lies_beyond_a_gap():
+    from cdc.checkpoint import Position
+    from cdc.holes import SeqWatermark
+
+    w = SeqWatermark(position=Position(None, 10, frozenset({13})))
+    w.mark_handled([11])
+    assert (w.seq, w.handled) == (11, {13})
+    w.mark_handled([15, 9, 10, 16])  # at or below the mark: ignored
+    assert (w.seq, w.handled) == (11, {13, 15, 16})
+    w.mark_handled([12])  # fills the gap: the mark runs over 13
+    assert (w.seq, w.handled) == (13, {15, 16})
+    w.mark_handled([14, 17, 19])
+    assert (w.seq, w.handled) == (17, {19})
