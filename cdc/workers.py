@@ -55,7 +55,7 @@ from typing import Any, Protocol, Self
 import psycopg
 
 from . import metrics
-from .checkpoint import Position, load, save
+from .checkpoint import Position, load
 from .connection import connect
 from .errors import CdcError, ConfigError, SinkError
 from .events import Event, Lsn, Transaction
@@ -476,9 +476,11 @@ class _GuardedCheckpoints:
 
 # -- the exactly-once projection ---------------------------------------------------------------
 
-_POLL_SAVE = """
-INSERT INTO cdc.checkpoints AS c (consumer, seqs_above) VALUES (%(name)s, %(seqs)s)
-ON CONFLICT (consumer) DO UPDATE SET seqs_above = ARRAY(
+# A partition's row: the stream position it reached, and every seq it applied that the
+# consumer's own mark does not cover yet (pruned here as that mark moves).
+_PARTITION_SAVE = """
+INSERT INTO cdc.checkpoints AS c (consumer, lsn, seqs_above) VALUES (%(name)s, %(lsn)s::pg_lsn, %(seqs)s)
+ON CONFLICT (consumer) DO UPDATE SET lsn = greatest(c.lsn, excluded.lsn), seqs_above = ARRAY(
     SELECT DISTINCT s FROM unnest(c.seqs_above || excluded.seqs_above) s
     WHERE s > coalesce((SELECT g.seq FROM cdc.checkpoints g WHERE g.consumer = %(global)s), 0) ORDER BY 1),
     updated_at = now()
@@ -525,8 +527,10 @@ class Partition:
     """One worker's share of a projection: `handler(conn, slice)` and this partition's checkpoint
     commit in one database transaction; a slice the partition already applied is skipped.
 
-    Stream slices are checked by LSN, poll slices (no LSN) by seq: handled when at or below the
-    consumer's contiguous mark, or recorded in this partition's `seqs_above`. A huge transaction
+    A slice is skipped when the partition's LSN covers it (stream), and each event when its seq
+    is at or below the consumer's contiguous mark or recorded in this partition's `seqs_above`.
+    Both paths record seqs: after a crash the consumer's checkpoint may lag what the partitions
+    committed, and a hand-off then replays by seq from that older position. A huge transaction
     stays one database transaction from its first part to its final one."""
 
     def __init__(self, handler: Callable[[psycopg.Connection, Transaction], object], conn: psycopg.Connection,
@@ -551,9 +555,8 @@ class Partition:
                 f"transaction xid={tx.xid} failed in part {tx.part} after its earlier parts were rolled "
                 "back: it must be applied again from its start (restart)"
             )
-        events = tx.events
-        if tx.end_lsn is None:
-            events = [e for e in events if e.seq > self._global_seq and e.seq not in self._seqs]
+        mark, applied = self._global_seq, self._seqs
+        events = [e for e in tx.events if e.seq > mark and e.seq not in applied]
         if self._open is None:
             self._open = self.conn.transaction()
             self._open.__enter__()
@@ -561,14 +564,12 @@ class Partition:
         try:
             if events:
                 self.handler(self.conn, tx if len(events) == len(tx.events) else replace(tx, events=events))
-                if tx.end_lsn is None:
-                    self._open_seqs.extend(e.seq for e in events)
+                self._open_seqs.extend(e.seq for e in events)
             if tx.final:
-                if tx.end_lsn is not None:
-                    save(self.conn, self.name, Position(lsn=tx.end_lsn))
-                elif self._open_seqs:
-                    self.conn.execute(_POLL_SAVE, {"name": self.name, "seqs": self._open_seqs,
-                                                   "global": self.consumer})
+                if tx.end_lsn is not None or self._open_seqs:
+                    self.conn.execute(_PARTITION_SAVE, {
+                        "name": self.name, "lsn": str(tx.end_lsn) if tx.end_lsn is not None else None,
+                        "seqs": self._open_seqs, "global": self.consumer})
                 opened, self._open = self._open, None
                 opened.__exit__(None, None, None)
                 self._committed(tx)
@@ -583,7 +584,7 @@ class Partition:
     def _committed(self, tx: Transaction) -> None:
         if tx.end_lsn is not None:
             self.lsn = tx.end_lsn
-        elif self._open_seqs:
+        if self._open_seqs:
             self._seqs.update(self._open_seqs)
             if len(self._seqs) > 100_000:  # fold what the consumer's checkpoint now covers
                 self._global_seq = (load(self.conn, self.consumer) or Position()).seq

@@ -23,7 +23,7 @@ from cdc.errors import ConfigError
 from cdc.metrics import REGISTRY
 from cdc.workers import Partitions, worker_of
 
-from .support import committed_seqs, prime, write_concurrently
+from .support import committed_seqs, drop_slot_while_running, prime, write_concurrently
 
 # -- the dispatcher's bookkeeping, on a fake feed ----------------------------------------------------
 
@@ -282,6 +282,31 @@ def test_parallel_projection_is_exactly_once_across_kill_9(dsn, conn, tmp_path):
     _assert_per_stream_order([(r[1], r[2]) for r in rows], first_run=len(rows))
     names = {r[0] for r in conn.execute("SELECT consumer FROM cdc.checkpoints")}
     assert {f"default#w{i}of8" for i in range(8)} <= names
+
+
+def test_parallel_projection_is_exactly_once_when_a_kill_9_is_followed_by_a_hand_off(dsn, conn, tmp_path):
+    # The partitions commit far past the consumer's checkpoint (saved every 30 s), then the
+    # process dies and the slot is dropped: the restart replays by seq from that old position,
+    # and every partition must know, by seq, what it applied from the stream.
+    conn.execute("CREATE TABLE proj (id bigserial PRIMARY KEY, seq bigint, stream_id text, version int)")
+    (tmp_path / "projmod.py").write_text(PROJECTION)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = ("--sink", "python:projmod:project", "--workers", "4")
+    prime(dsn, "default")
+    proc = _run_cli(dsn, *args, "--checkpoint-interval", "30", env=env)
+    _multi_stream_transactions(conn)
+    _kill_mid_stream(proc, dsn, after=2.5)
+    applied_before = conn.execute("SELECT count(*) FROM proj").fetchone()[0]
+    drop_slot_while_running(dsn, "cdc")
+    proc = _run_cli(dsn, *args, "--endpos", _current_lsn(conn), env=env)
+    assert proc.wait(60) == 0, proc.stderr.read().decode()
+    rows = conn.execute("SELECT seq, stream_id, version FROM proj ORDER BY id").fetchall()
+    committed = committed_seqs(dsn)
+    assert 0 < applied_before < len(rows), "the kill should land mid-stream"
+    dup = len(rows) - len({r[0] for r in rows})
+    assert dup == 0, f"{dup} events applied twice"
+    assert {r[0] for r in rows} == committed, "not exactly the committed events"
+    _assert_per_stream_order([(r[1], r[2]) for r in rows], first_run=len(rows))
 
 
 def test_a_stuck_worker_stalls_the_feed_in_bounded_memory_and_shows_in_metrics(dsn, conn):
