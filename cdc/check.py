@@ -108,7 +108,7 @@ class _Context:
         self.wal_level = ""
         self.table_oid: int | None = None
 
-    def _one(self, query: str | sql.Composable, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+    def _one(self, query: str | sql.SQL | sql.Composed, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
         return self.conn.execute(query, params).fetchone()
 
     def checks(self) -> list[tuple[str, Callable[[], CheckResult]]]:
@@ -126,7 +126,8 @@ class _Context:
             "FROM pg_roles r WHERE r.rolname = current_user"
         )
         assert row is not None
-        version, num, self.user, db, super_, repl = row  # type: ignore[misc]
+        version, num, user, db, super_, repl = row
+        self.user = str(user)
         self.major = int(num) // 10000  # type: ignore[call-overload]
         self.superuser = bool(super_)
         self.may_replicate = bool(super_ or repl)
@@ -233,7 +234,7 @@ class _Context:
         if row is None or row[0] is None:
             return _fail("events_table", f"{t.qualified} does not exist", missing_fix)
         self.table_oid = int(row[0])  # type: ignore[call-overload]
-        columns = dict(self.conn.execute(
+        columns: dict[str, str] = dict(self.conn.execute(
             "SELECT attname, atttypid::regtype::text FROM pg_attribute "
             "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
             (self.table_oid,),

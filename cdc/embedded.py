@@ -17,12 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import EmbeddedError
+
+T = TypeVar("T")
 
 INSTALL_HINT = "apt-get install -y postgresql postgresql-15-wal2json (or run scripts/setup)"
 
@@ -233,7 +236,7 @@ def _ignoring_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
     """Poll `predicate` until truthy (used by tests and the demo)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -208,10 +208,10 @@ class HoleTracker:
 
         stop = blocked if blocked is not None and blocked <= end else None
         dead: list[tuple[int, int]] = []
-        for first, last, h in pieces:
+        for first, last, hole in pieces:
             if stop is not None and first > stop:
                 break
-            if h is None or not h.cleared:
+            if hole is None or not hole.cleared:
                 stop = first
                 break
             dead.append((first, last))

@@ -106,6 +106,7 @@ def serve(
     Port 0 binds any free port (see `.port`). A bind failure raises ConfigError.
     """
     host = host or DEFAULT_HOST
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cdc"
@@ -120,6 +121,7 @@ def serve(
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 reason = liveness(status, tick_timeout)
+                body: str | bytes
                 code, body, ctype = (503 if reason else 200), (reason or "ok") + "\n", _TEXT
             elif path == "/readyz":
                 reason = readiness(status, max_lag_seconds=ready_max_lag_seconds,
@@ -144,7 +146,7 @@ def serve(
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address_family = family
 
     try:
         server = Server((host, port), Handler)

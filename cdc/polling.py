@@ -118,7 +118,8 @@ class Poller:
         self._open_part = 0
         self._listener: psycopg.Connection | None = None
         if listen:
-            self._listener = psycopg.connect(pool.conninfo, autocommit=True, **_connect_kwargs(pool))
+            conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
+            self._listener = psycopg.connect(conninfo, autocommit=True, **_connect_kwargs(pool))
             self._listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
 
     @property
@@ -246,7 +247,7 @@ class Poller:
 
 
 def _connect_kwargs(pool: ConnectionPool) -> dict[str, Any]:
-    kwargs = dict(pool.kwargs or {})
+    kwargs: dict[str, Any] = dict((pool.kwargs() if callable(pool.kwargs) else pool.kwargs) or {})
     kwargs.pop("autocommit", None)
     return kwargs
 

@@ -402,7 +402,7 @@ def _compare(
     ck_lsn = Lsn.parse(ck[0]) if ck and ck[0] else None
     ck_seq = int(ck[1]) if ck else 0
     ck_above = list(ck[2] or []) if ck else []
-    where = sql.SQL("consumer = %(c)s")
+    where: sql.Composable = sql.SQL("consumer = %(c)s")
     if since is not None:
         where += sql.SQL(" AND delivered_at >= %(since)s")
     if from_delivery is not None:
@@ -454,11 +454,12 @@ def _compare(
     counts["delivered"], counts["deliveries"] = (int(row[0]), int(row[1])) if row else (0, 0)
 
     # Missing on the stream side: expected (claimed, or behind the fence) and never delivered.
-    use_fence = fence_row is not None and table.xid is not None and _is_xid8(conn, table)
+    xid_col = table.xid
+    use_fence = fence_row is not None and xid_col is not None and _is_xid8(conn, table)
     expected = sql.SQL("(e.{seq} <= %(ck_seq)s OR e.{seq} = ANY(%(above)s::bigint[]){fence})").format(
         seq=seq_col,
-        fence=sql.SQL(" OR pg_visible_in_snapshot(e.{}, %(snap)s::pg_snapshot)").format(sql.Identifier(table.xid))
-        if use_fence else sql.SQL(""),
+        fence=sql.SQL(" OR pg_visible_in_snapshot(e.{}, %(snap)s::pg_snapshot)").format(sql.Identifier(xid_col))
+        if use_fence and xid_col is not None else sql.SQL(""),
     )
     mp = {**p, "ck_seq": ck_seq, "above": ck_above, "snap": fence_row[0] if use_fence and fence_row else None,
           "limit": max_findings}

@@ -157,7 +157,7 @@ def load_callable(spec: str) -> Callable[..., object]:
         raise ConfigError(f"cannot load {spec!r}: {err}") from None
     if not callable(fn):
         raise ConfigError(f"{spec!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def open_sink(spec: str) -> Sink:
