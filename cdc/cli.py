@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="handle events on N threads, each stream_id on one of them in version order; the position "
                         "acknowledged is the newest transaction handled in full. With N > 1 a transaction spanning "
                         "streams on different workers is no longer applied atomically by one handler call (each "
-                        "worker gets its slice; python: sinks commit per slice, with a checkpoint per worker); "
+                        "worker gets its slice; python: sinks commit per slice, with a checkpoint per worker; webhook: "
+                        "one POST per slice, Idempotency-Key <lsn>-w<i>of<N>); "
                         "--workers 1 (default) keeps whole transactions")
 
     p = sub.add_parser("replay", help="replay history at full speed (rebuilds, backfills)", formatter_class=_Formatter)

@@ -18,7 +18,7 @@ from .checkpoint import Projection
 from .config import Settings
 from .connection import connect, resolve_dsn
 from .consumer import Consumer
-from .errors import CdcError, ConfigError, SinkError, SlotInUseError
+from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction
 from .sinks import Sink, load_callable, open_sink
 from .store import DEFAULT_TABLE, EventTable
@@ -236,13 +236,12 @@ def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sin
         retire_partitions(conn, settings.consumer, 1)  # after a run with --workers N > 1
         return Projection(handler, conn, consumer=settings.consumer), conn
     if settings.sink.startswith("webhook:"):
-        if settings.workers > 1:
-            raise ConfigError("--workers > 1 does not serve the webhook sink yet: slices of one transaction would "
-                              "share its Idempotency-Key; use --workers 1")
-        from .webhook import WebhookSink
+        from .webhook import WebhookSink, WebhookSinks
 
-        return WebhookSink(settings.sink.removeprefix("webhook:"), secret=settings.webhook_secret,
-                           stop_event=stop), None
+        url = settings.sink.removeprefix("webhook:")
+        if settings.workers > 1:
+            return WebhookSinks(url, settings.workers, secret=settings.webhook_secret, stop_event=stop), None
+        return WebhookSink(url, secret=settings.webhook_secret, stop_event=stop), None
     return open_sink(settings.sink), None
 
 

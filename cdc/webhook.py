@@ -3,12 +3,15 @@
     POST <url>
     Content-Type: application/json
     Idempotency-Key: 0/16B3748            (commit LSN; "-<part>" for a part of a huge transaction;
-                                           "seq-<first>-<last>" for a poll transaction)
+                                           "seq-<first>-<last>" for a poll transaction;
+                                           "-w<i>of<N>" for worker i's slice under --workers N)
     X-Cdc-Signature: sha256=<hex>         (HMAC-SHA256 of the body, when a secret is set)
 
     {"xid": 741, "commit_lsn": "0/16B3748", "events": [<records as cdc.events.record makes them>]}
 
-A part of a huge transaction also carries "part" (0, 1, ...) and "final" in the body.
+A part of a huge transaction also carries "part" (0, 1, ...) and "final" in the body. Under
+`--workers N` each transaction comes as up to N POSTs, one a worker, each with the events of the
+streams that worker owns (in version order) and "slice": "w<i>of<N>" in the body.
 
 Delivery is at-least-once: after a crash, or a 2xx the receiver sent but we never read, the
 same transaction comes again with the same Idempotency-Key, so the receiver can drop repeats.
@@ -44,19 +47,22 @@ _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, Broke
                      http.client.CannotSendRequest)
 
 
-def idempotency_key(tx: Transaction) -> str:
+def idempotency_key(tx: Transaction, slice_label: str | None = None) -> str:
     """Stable across retries and restarts: the commit LSN (plus the part of a split transaction),
-    or for a poll transaction, which has no LSN, its first and last seq."""
+    or for a poll transaction, which has no LSN, its first and last seq; plus the worker's slice
+    label under --workers N (the same N cuts a transaction the same way every time)."""
     if tx.commit_lsn is not None:
         key = str(tx.commit_lsn)
     else:
         key = f"seq-{tx.events[0].seq}-{tx.events[-1].seq}"
     if tx.part > 0 or not tx.final:
         key += f"-{tx.part}"
+    if slice_label:
+        key += f"-{slice_label}"
     return key
 
 
-def body(tx: Transaction) -> bytes:
+def body(tx: Transaction, slice_label: str | None = None) -> bytes:
     doc: dict[str, Any] = {
         "xid": tx.xid,
         "commit_lsn": str(tx.commit_lsn) if tx.commit_lsn is not None else None,
@@ -65,6 +71,8 @@ def body(tx: Transaction) -> bytes:
     if tx.part > 0 or not tx.final:
         doc["part"] = tx.part
         doc["final"] = tx.final
+    if slice_label:
+        doc["slice"] = slice_label
     return orjson.dumps(doc)
 
 
@@ -91,6 +99,7 @@ class WebhookSink:
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
         stop_event: threading.Event | None = None,
+        slice_label: str | None = None,
     ):
         parts = urlsplit(url)
         try:
@@ -109,6 +118,7 @@ class WebhookSink:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.stop_event = stop_event
+        self.slice_label = slice_label
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port
@@ -125,9 +135,9 @@ class WebhookSink:
     def write(self, tx: Transaction) -> None:
         if not tx.events:
             return
-        payload = body(tx)
+        payload = body(tx, self.slice_label)
         headers = dict(self._headers)
-        headers["Idempotency-Key"] = idempotency_key(tx)
+        headers["Idempotency-Key"] = idempotency_key(tx, self.slice_label)
         if self.secret:
             headers["X-Cdc-Signature"] = signature(self.secret, payload)
         self._deliver(payload, headers)
@@ -215,6 +225,25 @@ class WebhookSink:
             time.sleep(seconds)
             return False
         return self.stop_event.wait(seconds)
+
+
+class WebhookSinks:
+    """`--workers N`: one WebhookSink a worker, each with its own connection, posting its
+    worker's slice of each transaction under the key suffix "-w<i>of<N>"."""
+
+    def __init__(self, url: str, workers: int, **kwargs: Any):
+        self.per_worker = [WebhookSink(url, slice_label=f"w{i}of{workers}", **kwargs) for i in range(workers)]
+
+    def write(self, tx: Transaction) -> None:
+        raise TypeError("WebhookSinks are written by a ParallelDispatcher, one sink per worker")
+
+    def flush(self) -> None:
+        for sink in self.per_worker:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.per_worker:
+            sink.close()
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -621,6 +621,10 @@ class Partitions:
             self.close()
             raise
 
+    @property
+    def per_worker(self) -> list[Partition]:
+        return self.partitions
+
     def write(self, tx: Transaction) -> None:
         raise TypeError("Partitions are written by a ParallelDispatcher, one partition per worker")
 
@@ -679,10 +683,12 @@ class ParallelProjection(ParallelDispatcher):
 
 
 def run_workers(consumer: Any, sink: Any, workers: int, wrap: Callable[[Any], Handler]) -> None:
-    """`cdc run --workers N`: `wrap(sink)` (retries, dead letters) per worker, or per partition
-    when the sink is a projection's `Partitions`."""
-    if isinstance(sink, Partitions):
-        handlers = [wrap(p) for p in sink.partitions]
+    """`cdc run --workers N`: `wrap(sink)` (retries, dead letters) per worker, or of each of
+    `sink.per_worker` where the sink has one a worker (a projection's partitions, webhook
+    connections)."""
+    per_worker = getattr(sink, "per_worker", None)
+    if per_worker is not None:
+        handlers = [wrap(s) for s in per_worker]
     else:
         handlers = [wrap(sink) for _ in range(workers)]
     with ParallelDispatcher(consumer, handlers, workers=workers) as dispatcher:

@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdc.embedded import wait_for
 
+from .support import prime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,6 +88,35 @@ def test_webhook_sink_posts_each_transaction_with_a_stable_idempotency_key(dsn, 
         assert set(body) >= {"xid", "commit_lsn", "events"}
         assert list(body["events"][0]) == ["seq", "stream_id", "version", "type", "data", "metadata",
                                            "created_at", "xid", "commit_lsn", "source"]
+
+
+def test_webhook_with_four_workers_posts_every_slice_once_in_per_stream_order(dsn, conn):
+    prime(dsn, "default")  # the slot exists: everything comes from the stream, keyed by commit LSN
+    rx = Receiver()
+    with conn.transaction():  # one transaction spanning streams that land on different workers
+        for v in range(1, 4):
+            for stream in ("a", "b", "c", "d", "e", "f"):
+                conn.execute("INSERT INTO cdc.events(stream_id, version, type, data) VALUES (%s, %s, 'E', '{}')",
+                             (stream, v))
+    insert(conn, "g", 2)
+    end = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+    proc = cdc_run(dsn, "--sink", f"webhook:{rx.url}", "--workers", "4", "--endpos", end)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        rx.close()
+    assert proc.returncode == 0, err.decode()
+    assert sorted(rx.seqs()) == list(range(1, 21))
+    keys = [h["Idempotency-Key"] for h, _ in rx.requests]
+    assert len(keys) == len(set(keys)), "each slice has its own key"
+    first_lsn = rx.requests[0][1]["commit_lsn"]
+    slices = [b for _, b in rx.requests if b["commit_lsn"] == first_lsn]
+    assert len(slices) > 1 and all(b["slice"].endswith("of4") for b in slices)
+    for h, b in rx.requests:
+        assert h["Idempotency-Key"] == f"{b['commit_lsn']}-{b['slice']}"
+    for stream in "abcdefg":
+        versions = [e["version"] for _, b in rx.requests for e in b["events"] if e["stream_id"] == stream]
+        assert versions == sorted(versions) and versions, (stream, versions)
 
 
 def test_sigterm_during_webhook_retries_exits_cleanly_without_acknowledging(dsn, conn):

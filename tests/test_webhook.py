@@ -255,3 +255,11 @@ def test_errors_never_show_url_credentials(receiver: Receiver) -> None:
 def test_rejects_a_non_http_url() -> None:
     with pytest.raises(ConfigError):
         WebhookSink("ftp://example.com/x")
+
+
+def test_a_worker_slice_has_its_own_key_and_says_which_slice_it_is(receiver: Receiver) -> None:
+    sink = fast(receiver.url, slice_label="w2of4")
+    sink.write(tx(7, 9))
+    assert receiver.requests[0].headers["Idempotency-Key"] == "0/16B3748-w2of4"
+    assert orjson.loads(receiver.requests[0].body)["slice"] == "w2of4"
+    assert idempotency_key(tx(7, 9)) == "0/16B3748"
