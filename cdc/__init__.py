@@ -26,8 +26,9 @@ from .errors import (
     UnsupportedChangeError,
 )
 from .events import Event, Lsn, Transaction
+from .partitions import ParallelProjection
 from .store import DEFAULT_TABLE, EventTable, NewEvent, append, setup
-from .workers import ParallelDispatcher, ParallelProjection
+from .workers import ParallelDispatcher
 
 __all__ = [
     "AsyncConsumer",

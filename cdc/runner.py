@@ -227,11 +227,11 @@ def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sin
     if settings.sink.startswith("python:"):
         handler = load_callable(settings.sink.removeprefix("python:"))
         if settings.workers > 1:
-            from .workers import Partitions
+            from .partitions import Partitions
 
             return Partitions(handler, dsn, consumer=settings.consumer, workers=settings.workers), None
         conn = connect(dsn, autocommit=True)
-        from .workers import retire_partitions
+        from .partitions import retire_partitions
 
         retire_partitions(conn, settings.consumer, 1)  # after a run with --workers N > 1
         return Projection(handler, conn, consumer=settings.consumer), conn

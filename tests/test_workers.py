@@ -21,7 +21,8 @@ from prometheus_client import generate_latest
 from cdc import Consumer, Event, Lsn, ParallelDispatcher, Transaction
 from cdc.errors import ConfigError
 from cdc.metrics import REGISTRY
-from cdc.workers import Partitions, worker_of
+from cdc.partitions import Partitions
+from cdc.workers import worker_of
 
 from .support import committed_seqs, drop_slot_while_running, prime, write_concurrently
 
