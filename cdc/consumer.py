@@ -404,8 +404,11 @@ class Consumer:
                 if self._stop:
                     break
             txs.clear()
-            if handled_txs:
-                self._settle()  # a batch holds at most _READ_BATCH events
+            # Settle each batch (at most _READ_BATCH events); but recording deliveries is a
+            # database write, kept to the checkpoint unless the events pile up.
+            if handled_txs and (self.deliveries is None
+                                or sum(len(t.events) for t in handled_txs) > _SETTLE_EVENTS):
+                self._settle()
             if not got:
                 if endpos is not None and not decoder.in_transaction and rs.server_wal_end >= endpos:
                     self._finish_at_endpos()
