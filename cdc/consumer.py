@@ -193,6 +193,16 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stop
 
+    def release_stream(self) -> None:
+        """Close the replication connection now; the feed reconnects at its next read and
+        resumes after what was acknowledged. For a handler whose own database went away: a
+        server shutting down waits for its walsenders' clients to confirm everything sent, and
+        one whose handler is stuck in retries would hold the shutdown until wal_sender_timeout.
+        Safe from another thread (the stream's I/O is locked)."""
+        rs = self._stream
+        if rs is not None and rs.streaming:  # not mid hand-off: its snapshot's replay goes on
+            rs.close()
+
     def run(self, handler: Callable[[Transaction], object]) -> None:
         """The callback style: call `handler(tx)` for each transaction until `stop()`."""
         for tx in self:

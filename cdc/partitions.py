@@ -148,6 +148,13 @@ class Partition:
     def flush(self) -> None:
         pass
 
+    def reset(self, conn: psycopg.Connection) -> None:
+        """Write through `conn` from now on: the old connection broke, and the transaction
+        open on it is gone (rolled back by the server). What committed is still recorded."""
+        self.conn = conn
+        self._open = None
+        self._open_seqs = []
+
     def close(self) -> None:
         if self._open is not None:  # a huge transaction cut short: undo its parts
             opened, self._open = self._open, None
@@ -193,6 +200,8 @@ class Partitions:
                 log.warning("could not roll back %s: %s", p.name, err)
         for c in self.conns:
             c.close()
+        for p in getattr(self, "partitions", ()):
+            p.conn.close()  # a connection a retry opened after the first one broke
         self.conns = []
 
 

@@ -179,9 +179,11 @@ class ReplicationStream:
                 self._io.release()
 
     def _command(self, command: str) -> psycopg.Cursor:
-        assert self.conn is not None, "open() first"
+        conn = self.conn
+        if conn is None:  # closed: by the sink releasing it (Consumer.release_stream), or stopping
+            raise ConnectionLostError("replication connection closed")
         try:
-            return self.conn.execute(command.encode())
+            return conn.execute(command.encode())
         except psycopg.Error as err:
             raise self._translate(err) from None
 
@@ -235,7 +237,8 @@ class ReplicationStream:
 
     def _read(self, timeout: float, out: list[memoryview], limit: int) -> int:
         pgconn = self.pgconn
-        assert pgconn is not None
+        if pgconn is None:
+            raise ConnectionLostError("replication connection closed (released by the sink, or stopping)")
         get = pgconn.get_copy_data
         append = out.append
         added = 0

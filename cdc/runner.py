@@ -20,6 +20,7 @@ from .connection import connect, resolve_dsn
 from .consumer import Consumer
 from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction
+from .partitions import Partition
 from .sinks import Sink, load_callable, open_sink
 from .store import DEFAULT_TABLE, EventTable
 
@@ -43,54 +44,81 @@ def table_for(settings: Settings) -> EventTable:
 
 class Delivery:
     """Hands each transaction to the sink, retrying; after `max_attempts` failures it stops,
-    or parks the transaction in cdc.dead_letters and goes on. Nothing is dropped silently."""
+    or parks the transaction in cdc.dead_letters and goes on. Nothing is dropped silently.
 
-    def __init__(self, sink: Sink, settings: Settings, dsn: str, stop: threading.Event):
+    A projection whose database connection broke (a server restart, a terminated backend) is
+    not poison: the transaction is retried on a new connection for as long as it takes, without
+    counting attempts, and `release` (the consumer's `release_stream`) lets the server's
+    shutdown go on instead of waiting for our walsender."""
+
+    def __init__(self, sink: Sink, settings: Settings, dsn: str, stop: threading.Event,
+                 release: Callable[[], None] | None = None):
         self.sink = sink
         self.settings = settings
         self.dsn = dsn
         self.stop = stop
+        self.release = release
 
     def __call__(self, tx: Transaction) -> None:
         attempts = self.settings.max_attempts
-        for attempt in range(1, attempts + 1):
+        attempt = outage = 0
+        while True:
             try:
                 self.sink.write(tx)
+                if outage:
+                    log.info("the projection's database is back: transaction xid=%s delivered", tx.xid)
                 return
             except Exception as err:  # a user's handler may raise anything
                 metrics.ERRORS.labels("sink").inc()
                 first = tx.events[0].seq if tx.events else None
-                log.warning("sink failed on transaction xid=%s lsn=%s seq=%s (attempt %d/%d): %s",
-                            tx.xid, tx.commit_lsn, first, attempt, attempts, _one_line(err))
-                if self.stop.is_set():
-                    raise
-                if attempt == attempts:
-                    if self.settings.on_poison == "dead-letter":
-                        self._dead_letter(tx, err, attempts)
-                        return
-                    raise SinkError(
-                        f"giving up on transaction xid={tx.xid} lsn={tx.commit_lsn} after {attempts} attempts: "
-                        f"{_one_line(err)} (not acknowledged; fix the sink and restart, or use --on-poison dead-letter)"
-                    ) from None
-                self.stop.wait(min(5.0, 0.2 * 2 ** (attempt - 1)))
+                if self._connection_broken():
+                    outage += 1
+                    delay = min(5.0, 0.2 * 2 ** min(outage - 1, 5))
+                    log.warning("the projection's database connection broke on transaction xid=%s lsn=%s seq=%s: "
+                                "%s; reconnecting in %.1f s (attempt %d; not acknowledged)",
+                                tx.xid, tx.commit_lsn, first, _one_line(err), delay, outage)
+                    if outage == 1 and self.release is not None:
+                        self.release()
+                else:
+                    attempt += 1
+                    log.warning("sink failed on transaction xid=%s lsn=%s seq=%s (attempt %d/%d): %s",
+                                tx.xid, tx.commit_lsn, first, attempt, attempts, _one_line(err))
+                    if attempt >= attempts and not self.stop.is_set():
+                        if self.settings.on_poison == "dead-letter":
+                            self._dead_letter(tx, err, attempts)
+                            return
+                        raise SinkError(
+                            f"giving up on transaction xid={tx.xid} lsn={tx.commit_lsn} after {attempts} attempts: "
+                            f"{_one_line(err)} (not acknowledged; fix the sink and restart, or use --on-poison "
+                            "dead-letter)"
+                        ) from None
+                    delay = min(5.0, 0.2 * 2 ** (attempt - 1))
+                if self.stop.is_set() or self.stop.wait(delay):
+                    raise SinkError(f"stopped while retrying transaction xid={tx.xid}: not acknowledged") from None
                 self._reopen_projection(tx)
+
+    def _connection_broken(self) -> bool:
+        conn = getattr(self.sink, "conn", None)
+        return isinstance(self.sink, (Projection, Partition)) and conn is not None and (conn.closed or conn.broken)
 
     def _reopen_projection(self, tx: Transaction) -> None:
         """A server restart or a terminated backend breaks the projection's connection and rolls
         back its open transaction: reopen it so the retry starts that transaction over. Parts
         handed over before the break are gone with it, so a later part may not be retried alone:
         stop instead (nothing was acknowledged; the next run delivers it again from part 0)."""
-        sink, conn = self.sink, getattr(self.sink, "conn", None)
-        if not isinstance(sink, Projection) or conn is None or not (conn.closed or conn.broken):
+        sink = self.sink
+        if not self._connection_broken():
             return
+        assert isinstance(sink, (Projection, Partition))
         if tx.part > 0:
             raise SinkError(f"the projection's connection broke inside transaction xid={tx.xid} handed over in "
                             "parts: not acknowledged; it is delivered again from its start on the next run")
+        old = sink.conn
         try:
             sink.reset(connect(self.dsn, autocommit=True))
         except CdcError:
             return  # server still down: the next attempt tries again
-        conn.close()
+        old.close()
 
     def _dead_letter(self, tx: Transaction, err: Exception, attempts: int) -> None:
         with connect(self.dsn, autocommit=True) as conn:
@@ -246,7 +274,7 @@ def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sin
 
 
 def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: threading.Event) -> int:
-    deliver = Delivery(sink, settings, dsn, stop)
+    deliver = Delivery(sink, settings, dsn, stop, release=consumer.release_stream)
     helpers: list[Any] = []
     if settings.http_port is not None and settings.mode != "poll":
         from .http import SlotMonitor
@@ -275,7 +303,8 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
                     if settings.workers > 1:
                         from .workers import run_workers
 
-                        run_workers(consumer, sink, settings.workers, lambda s: Delivery(s, settings, dsn, stop))
+                        run_workers(consumer, sink, settings.workers,
+                                    lambda s: Delivery(s, settings, dsn, stop, consumer.release_stream))
                     else:
                         for tx in consumer:
                             deliver(tx)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from cdc import Consumer, metrics, store
-from cdc.embedded import embedded_cluster, restart
+from cdc.embedded import embedded_cluster, restart, run_as_server_user
 
 from .faults import (
     ROOT,
@@ -117,6 +117,54 @@ def test_server_fault_mid_stream_reconnects_and_loses_nothing(dsn, server, tmp_p
     stats = check_delivery(dsn, read_jsonl(out))
     assert stats["duplicates"] == 0, stats  # the consumer never crashed: it skips what it handled
     assert "reconnecting" in log.read_text(), tail(log)
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_server_down_for_seconds_mid_projection_is_waited_out_not_poison(dsn, conn, server, tmp_path, workers):
+    # The handler is inside a transaction when the server goes down for longer than the sink's
+    # retries (max attempts 2): a broken connection is an outage to wait out, not poison; the
+    # stream is released so the shutdown does not wait for us; then everything, exactly once.
+    if server.cluster is None:
+        pytest.skip("needs the embedded cluster to stop and start")
+    _projection_table(conn)
+    log = tmp_path / "run.log"
+    prime(dsn, "down")
+    args = [*FAST, "--consumer", "down", "--slot", "down", "--sink", PROJECT, "--max-attempts", "2",
+            "--workers", workers]
+    proc = cdc_run(dsn, *args, log=log, env={"CDC_FAULT_SLEEP": "0.3"})
+    pg_ctl = [f"{server.cluster.bin_dir}/pg_ctl", "-D", server.cluster.data_dir, "-l", server.cluster.log_file]
+    try:
+        for stream in range(6):
+            store.append(conn, f"down-{stream}", [store.NewEvent("E", {"i": i}) for i in range(3)],
+                         expected_version=0)
+        time.sleep(0.5)  # the handler is in its first transactions
+        conn.close()
+        started = time.monotonic()
+        stopped = run_as_server_user(server.cluster, [*pg_ctl, "-m", "fast", "-w", "-t", "60", "stop"])
+        assert stopped.returncode == 0, stopped.stderr
+        assert time.monotonic() - started < 20, "the shutdown waited for the stuck consumer"
+        time.sleep(4)  # longer than two attempts' backoff
+        assert proc.poll() is None, f"cdc run exited {proc.returncode} during the outage: {tail(log)}"
+        up = run_as_server_user(server.cluster, [*pg_ctl, "-w", "-t", "60", "start"])
+        assert up.returncode == 0, up.stderr
+        wait_delivered_projection(dsn, 18, timeout=60)
+    finally:
+        assert _stop(proc) == 0, tail(log)
+    check_projection(dsn)
+    text = log.read_text()
+    assert "connection broke" in text and "giving up" not in text, tail(log, 20)
+
+
+def wait_delivered_projection(dsn: str, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sql(dsn, "SELECT count(*) FROM fault_projection")[0][0] >= n:
+                return
+        except psycopg.OperationalError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the projection did not reach {n} rows within {timeout} s")
 
 
 # -- 3. slot faults -------------------------------------------------------------------------------------
