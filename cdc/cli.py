@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval", type=float, default=None,
                    help="seconds between checkpoint saves while busy; idle feeds save at once (default 1)")
     p.add_argument("--status-interval", type=float, default=None, help="seconds between standby status updates to the server (default 10)")
+    p.add_argument("--startup-wait", type=float, default=None,
+                   help="seconds to wait at start for a server that is starting, stopping or restarting (it answers "
+                        "'the database system is ...'); a wrong DSN or an unreachable host fails at once (default 120)")
     p.add_argument("--heartbeat-interval", type=float, default=None,
                    help="seconds of idleness before a heartbeat logical message keeps the slot advancing; 0 disables (default 10)")
     p.add_argument("--http-port", type=int, default=None, help="serve /healthz, /readyz and /metrics on this port (off by default)")

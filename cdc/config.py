@@ -30,6 +30,7 @@ class Settings(BaseModel):
     checkpoint_interval: float = Field(1.0, gt=0)
     poll_interval: float = Field(0.1, gt=0)
     stale_threshold: float = Field(3.0, gt=0)
+    startup_wait: float = Field(120.0, ge=0)
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
     ready_max_lag_seconds: float | None = Field(None, gt=0)

@@ -61,6 +61,19 @@ def connect_error(err: Exception, dsn: str) -> Exception:
     return ConnectError(f"cannot connect to {describe(dsn)}: {mask(text)} (check --dsn / CDC_DSN and that the server runs)")
 
 
+# What a server answers at connect while it starts, stops or restarts (SQLSTATE 57P03).
+_NOT_NOW = ("the database system is starting up", "the database system is shutting down",
+            "the database system is in recovery mode", "the database system is not yet accepting connections",
+            "the database system is not accepting connections")
+
+
+def server_not_ready(err: BaseException) -> bool:
+    """The server is starting, stopping or restarting: worth waiting for, unlike a wrong DSN or
+    an unreachable host, which should fail at once."""
+    text = str(err)
+    return any(t in text for t in _NOT_NOW)
+
+
 def connect(dsn: str, **kwargs: object) -> psycopg.Connection:
     """A plain connection, or ConnectError with one clear line."""
     try:

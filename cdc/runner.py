@@ -16,7 +16,7 @@ import psycopg
 from . import metrics
 from .checkpoint import Projection
 from .config import Settings
-from .connection import connect, resolve_dsn
+from .connection import connect, resolve_dsn, server_not_ready
 from .consumer import Consumer
 from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction
@@ -226,16 +226,37 @@ def run(settings: Settings) -> int:
 
     projection_conn = None
     try:
-        sink, projection_conn = _open_sink(settings, dsn, stop)
-        consumer = Consumer(
-            dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
-            endpos=Lsn.parse(settings.endpos) if settings.endpos else None,
-            chunk_events=settings.chunk_events, status_interval=settings.status_interval,
-            checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
-            stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
-            record_deliveries=settings.record_deliveries or settings.reconcile,
-            reconnect=True, auto_ack=settings.workers == 1,
-        )
+        # A server starting, stopping or restarting (a sidecar started with its database, a
+        # restart during ours) is waited for; any other failure to connect ends the run at once.
+        deadline, attempt = time.monotonic() + settings.startup_wait, 0
+        while True:
+            sink = None
+            try:
+                sink, projection_conn = _open_sink(settings, dsn, stop)
+                consumer = Consumer(
+                    dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
+                    endpos=Lsn.parse(settings.endpos) if settings.endpos else None,
+                    chunk_events=settings.chunk_events, status_interval=settings.status_interval,
+                    checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
+                    stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
+                    record_deliveries=settings.record_deliveries or settings.reconcile,
+                    reconnect=True, auto_ack=settings.workers == 1,
+                )
+                break
+            except (CdcError, psycopg.OperationalError) as err:
+                if sink is not None:
+                    sink.close()
+                if projection_conn is not None:
+                    projection_conn.close()
+                    projection_conn = None
+                if not server_not_ready(err) or stop.is_set() or time.monotonic() > deadline:
+                    raise
+                attempt += 1
+                delay = min(5.0, 0.5 * 2 ** (attempt - 1))
+                log.warning("the server is not accepting connections yet: %s; retrying in %.1f s (attempt %d)",
+                            _one_line(err), delay, attempt)
+                if stop.wait(delay):
+                    return 0
         consumer_ref[:] = [consumer]
         if stop.is_set():
             consumer.stop()

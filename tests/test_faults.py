@@ -490,3 +490,33 @@ def test_transaction_of_exactly_n_chunks_is_committed_by_the_projection(dsn, con
     wait_slot_free(dsn, "cdc")
     drain(dsn, *args, log=log)
     check_projection(dsn)
+
+
+def test_cdc_run_waits_for_a_server_not_accepting_connections_yet_and_gives_up_with_one_line(tmp_path):
+    # A standby with hot_standby off answers every connection "the database system is not
+    # accepting connections", as a server starting, stopping or restarting does: cdc run waits
+    # (logging each attempt) up to --startup-wait, stops at once on SIGTERM, and then fails with
+    # one line. An unreachable host still fails at once (test above).
+    with embedded_cluster(fast=True) as cluster:
+        pg_ctl = [f"{cluster.bin_dir}/pg_ctl", "-D", cluster.data_dir, "-l", cluster.log_file]
+        assert run_as_server_user(cluster, [*pg_ctl, "-m", "fast", "-w", "stop"]).returncode == 0
+        run_as_server_user(cluster, ["sh", "-c", f"touch {cluster.data_dir}/standby.signal && "
+                                                 f"echo 'hot_standby = off' >> {cluster.data_dir}/postgresql.conf"])
+        up = run_as_server_user(cluster, [*pg_ctl, "-w", "-t", "30", "start"])
+        assert up.returncode == 0, up.stderr
+        log = tmp_path / "run.log"
+        proc = cdc_run(cluster.dsn, "--mode", "stream", "--startup-wait", "60", log=log)
+        deadline = time.monotonic() + 20
+        while "not accepting connections yet" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, tail(log)
+            time.sleep(0.2)
+        assert "retrying" in log.read_text(), tail(log)
+        t0 = time.monotonic()
+        assert _stop(proc) == 0, tail(log)
+        assert time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "cdc", "run", "--dsn", cluster.dsn, "--mode", "stream",
+                              "--startup-wait", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == 1 and time.monotonic() - t0 >= 2, out.stderr
+        assert "not accepting connections" in out.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in out.stderr
