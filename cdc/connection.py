@@ -67,11 +67,16 @@ _NOT_NOW = ("the database system is starting up", "the database system is shutti
             "the database system is not accepting connections")
 
 
-def server_not_ready(err: BaseException) -> bool:
+# What a client sees while no server listens (between a restart's stop and start).
+_GONE = ("Connection refused", "No such file or directory")
+
+
+def server_not_ready(err: BaseException, *, restarting: bool = False) -> bool:
     """The server is starting, stopping or restarting: worth waiting for, unlike a wrong DSN or
-    an unreachable host, which should fail at once."""
+    an unreachable host, which should fail at once. `restarting`: it said so before, so no one
+    listening for a moment is the gap between its stop and its start."""
     text = str(err)
-    return any(t in text for t in _NOT_NOW)
+    return any(t in text for t in _NOT_NOW) or (restarting and any(t in text for t in _GONE))
 
 
 def connect(dsn: str, **kwargs: object) -> psycopg.Connection:

@@ -203,6 +203,22 @@ class Consumer:
         if rs is not None and rs.streaming:  # not mid hand-off: its snapshot's replay goes on
             rs.close()
 
+    def rewind(self) -> None:
+        """Forget what was handed over since the last saved checkpoint, acknowledged or not,
+        and drop the stream: the next iteration starts again from the saved position. For a
+        projection that lost a transaction it had applied in part (its connection broke between
+        two parts of a huge one): its row in cdc.checkpoints, written with its own effects, is
+        the truth, so the transaction comes again from its first part. Close the old iterator
+        first."""
+        self._pending.clear()
+        self._handled_txs.clear()
+        self._dirty = self._moved = False
+        self._drop_stream()
+        poller = self._poller
+        if poller is not None:
+            poller.close()
+            self._poller = None
+
     def run(self, handler: Callable[[Transaction], object]) -> None:
         """The callback style: call `handler(tx)` for each transaction until `stop()`."""
         for tx in self:

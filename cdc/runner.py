@@ -42,6 +42,10 @@ def table_for(settings: Settings) -> EventTable:
                         **cast(dict[str, Any], columns))  # str | None each; mypy would match them to `strict`
 
 
+class Redeliver(Exception):
+    """The sink lost a transaction it had applied in part: deliver it again from its start."""
+
+
 class Delivery:
     """Hands each transaction to the sink, retrying; after `max_attempts` failures it stops,
     or parks the transaction in cdc.dead_letters and goes on. Nothing is dropped silently.
@@ -95,30 +99,34 @@ class Delivery:
                     delay = min(5.0, 0.2 * 2 ** (attempt - 1))
                 if self.stop.is_set() or self.stop.wait(delay):
                     raise SinkError(f"stopped while retrying transaction xid={tx.xid}: not acknowledged") from None
-                self._reopen_projection(tx)
+                if self._reopen_projection(tx) and tx.part > 0:
+                    # Its earlier parts went with the broken connection: all over again.
+                    raise Redeliver(f"transaction xid={tx.xid} lost its earlier parts with the connection")
 
     def _connection_broken(self) -> bool:
         conn = getattr(self.sink, "conn", None)
         return isinstance(self.sink, (Projection, Partition)) and conn is not None and (conn.closed or conn.broken)
 
-    def _reopen_projection(self, tx: Transaction) -> None:
+    def _reopen_projection(self, tx: Transaction) -> bool:
         """A server restart or a terminated backend breaks the projection's connection and rolls
-        back its open transaction: reopen it so the retry starts that transaction over. Parts
-        handed over before the break are gone with it, so a later part may not be retried alone:
-        stop instead (nothing was acknowledged; the next run delivers it again from part 0)."""
+        back its open transaction: reopen it so the retry starts that transaction over (True once
+        reopened). Parts handed over before the break are gone with it, so a later part is not
+        retried alone: the caller redelivers the transaction from part 0 (one projection), or
+        stops (N workers: nothing was acknowledged; the next run delivers it from part 0)."""
         sink = self.sink
         if not self._connection_broken():
-            return
+            return False
         assert isinstance(sink, (Projection, Partition))
-        if tx.part > 0:
+        if tx.part > 0 and isinstance(sink, Partition):
             raise SinkError(f"the projection's connection broke inside transaction xid={tx.xid} handed over in "
                             "parts: not acknowledged; it is delivered again from its start on the next run")
         old = sink.conn
         try:
             sink.reset(connect(self.dsn, autocommit=True))
         except CdcError:
-            return  # server still down: the next attempt tries again
+            return False  # server still down: the next attempt tries again
         old.close()
+        return True
 
     def _dead_letter(self, tx: Transaction, err: Exception, attempts: int) -> None:
         with connect(self.dsn, autocommit=True) as conn:
@@ -249,7 +257,7 @@ def run(settings: Settings) -> int:
                 if projection_conn is not None:
                     projection_conn.close()
                     projection_conn = None
-                if not server_not_ready(err) or stop.is_set() or time.monotonic() > deadline:
+                if not server_not_ready(err, restarting=attempt > 0) or stop.is_set() or time.monotonic() > deadline:
                     raise
                 attempt += 1
                 delay = min(5.0, 0.5 * 2 ** (attempt - 1))
@@ -327,8 +335,17 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
                         run_workers(consumer, sink, settings.workers,
                                     lambda s: Delivery(s, settings, dsn, stop, consumer.release_stream))
                     else:
-                        for tx in consumer:
-                            deliver(tx)
+                        feed = iter(consumer)
+                        try:
+                            for tx in feed:
+                                deliver(tx)
+                        except Redeliver as again:
+                            feed.close()  # type: ignore[attr-defined]
+                            if stop.is_set():
+                                return 0
+                            log.warning("%s: delivering it again from its first part", again)
+                            consumer.rewind()
+                            continue
                 except SinkError:
                     if not stop.is_set():
                         raise

@@ -128,7 +128,7 @@ def test_server_down_for_seconds_mid_projection_is_waited_out_not_poison(dsn, co
         pytest.skip("needs the embedded cluster to stop and start")
     _projection_table(conn)
     log = tmp_path / "run.log"
-    prime(dsn, "down")
+    prime(dsn, "down", "down")
     args = [*FAST, "--consumer", "down", "--slot", "down", "--sink", PROJECT, "--max-attempts", "2",
             "--workers", workers]
     proc = cdc_run(dsn, *args, log=log, env={"CDC_FAULT_SLEEP": "0.3"})
@@ -153,6 +153,32 @@ def test_server_down_for_seconds_mid_projection_is_waited_out_not_poison(dsn, co
     check_projection(dsn)
     text = log.read_text()
     assert "connection broke" in text and "giving up" not in text, tail(log, 20)
+
+
+def test_server_restart_between_parts_of_a_huge_transaction_redelivers_it_from_its_start(dsn, conn, server,
+                                                                                          tmp_path):
+    # The projection holds one database transaction across the parts of a huge one; a restart
+    # between parts takes the earlier parts with it. The transaction is delivered again from its
+    # first part, in the same run, and the projection ends exact.
+    if server.cluster is None:
+        pytest.skip("needs the embedded cluster to restart")
+    _projection_table(conn)
+    log = tmp_path / "run.log"
+    prime(dsn, "parts", "parts")
+    args = [*FAST, "--consumer", "parts", "--slot", "parts", "--sink", PROJECT, "--chunk-events", "5"]
+    proc = cdc_run(dsn, *args, log=log, env={"CDC_FAULT_SLEEP": "0.25"})
+    try:
+        store.append(conn, "huge", [store.NewEvent("E", {"i": i}) for i in range(60)], expected_version=0)
+        time.sleep(1.2)  # a few of its 12 parts applied, uncommitted
+        conn.close()
+        restart(server.cluster, "fast")
+        wait_delivered_projection(dsn, 60, timeout=90)
+        assert proc.poll() is None, tail(log)
+    finally:
+        assert _stop(proc) == 0, tail(log, 20)
+    check_projection(dsn)
+    text = log.read_text()
+    assert "delivering it again from its first part" in text, tail(log, 20)
 
 
 def wait_delivered_projection(dsn: str, n: int, timeout: float) -> None:
