@@ -95,13 +95,21 @@ def save(conn: psycopg.Connection, consumer: str, position: Position) -> None:
     )
 
 
+def durable(conn: psycopg.Connection) -> psycopg.Connection:
+    """`conn` with synchronous_commit on for its session, whatever the server's default."""
+    conn.execute("SET synchronous_commit TO on")
+    return conn
+
+
 class Projection:
     """A sink whose handler writes into the database in the same transaction as the checkpoint.
 
     `handler(conn, tx)` runs inside a transaction on `conn`; the consumer's position is saved
     in that same transaction, so the handler's effect and "this transaction is done" commit
     together or not at all: exactly-once, even after kill -9. A transaction handed over in parts
-    is one database transaction from its first part to its final one.
+    is one database transaction from its first part to its final one. The connection commits with
+    synchronous_commit on (set here, for this session): a commit that returned must survive a
+    crash, or the feed would move past effects the database then forgets.
     """
 
     def __init__(
@@ -112,7 +120,7 @@ class Projection:
         consumer: str = "default",
     ):
         self.handler = handler
-        self.conn = conn
+        self.conn = durable(conn)
         self.consumer = consumer
         self._open: AbstractContextManager[object] | None = None
         self._seqs: list[int] = []  # of the transaction in progress, all its parts
@@ -153,7 +161,7 @@ class Projection:
     def reset(self, conn: psycopg.Connection) -> None:
         """Write through `conn` from now on: the old connection broke, and the transaction
         open on it is gone (rolled back by the server)."""
-        self.conn = conn
+        self.conn = durable(conn)
         self._open = None
         self._seqs = []
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from .checkpoint import Position, load
+from .checkpoint import Position, durable, load
 from .connection import connect
 from .errors import ConfigError, SinkError
 from .events import Event, Lsn, Transaction
@@ -90,16 +90,19 @@ class Partition:
     def __init__(self, handler: Callable[[psycopg.Connection, Transaction], object], conn: psycopg.Connection,
                  *, consumer: str, index: int, workers: int):
         self.handler = handler
-        self.conn = conn
+        self.conn = durable(conn)  # see Projection: a returned commit must survive a crash
         self.consumer = consumer
         self.name = partition_name(consumer, index, workers)
-        mine = load(conn, self.name) or Position()
-        self.lsn = mine.lsn
-        self._global_seq = (load(conn, consumer) or Position()).seq
-        self._seqs = {s for s in mine.seqs_above if s > self._global_seq}
+        self._load()
         self._open: Any = None  # the psycopg transaction context, open across parts
         self._open_seqs: list[int] = []
         self._broken: tuple[int | None, Lsn | None] | None = None
+
+    def _load(self) -> None:
+        mine = load(self.conn, self.name) or Position()
+        self.lsn = mine.lsn
+        self._global_seq = (load(self.conn, self.consumer) or Position()).seq
+        self._seqs = {s for s in mine.seqs_above if s > self._global_seq}
 
     def write(self, tx: Transaction) -> None:
         if tx.end_lsn is not None and self.lsn is not None and tx.end_lsn <= self.lsn:
@@ -150,10 +153,12 @@ class Partition:
 
     def reset(self, conn: psycopg.Connection) -> None:
         """Write through `conn` from now on: the old connection broke, and the transaction
-        open on it is gone (rolled back by the server). What committed is still recorded."""
-        self.conn = conn
+        open on it is gone (rolled back by the server). What is applied is read again from the
+        partition's row: a commit the break interrupted may have landed or not."""
+        self.conn = durable(conn)
         self._open = None
         self._open_seqs = []
+        self._load()
 
     def close(self) -> None:
         if self._open is not None:  # a huge transaction cut short: undo its parts

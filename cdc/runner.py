@@ -43,7 +43,9 @@ def table_for(settings: Settings) -> EventTable:
 
 
 class Redeliver(Exception):
-    """The sink lost a transaction it had applied in part: deliver it again from its start."""
+    """The projection's connection broke: whether its last commit landed, and what of a huge
+    transaction it held open, only the database knows. Resume from the position saved with its
+    effects (Consumer.rewind), as a restart would, without exiting."""
 
 
 class Delivery:
@@ -51,9 +53,10 @@ class Delivery:
     or parks the transaction in cdc.dead_letters and goes on. Nothing is dropped silently.
 
     A projection whose database connection broke (a server restart, a terminated backend) is
-    not poison: the transaction is retried on a new connection for as long as it takes, without
-    counting attempts, and `release` (the consumer's `release_stream`) lets the server's
-    shutdown go on instead of waiting for our walsender."""
+    not poison: it waits for a new connection for as long as it takes, without counting
+    attempts, then resumes from what the database recorded (one projection: Redeliver; a
+    partition: its row read again). `release` (the consumer's `release_stream`) lets the
+    server's shutdown go on instead of waiting for our walsender."""
 
     def __init__(self, sink: Sink, settings: Settings, dsn: str, stop: threading.Event,
                  release: Callable[[], None] | None = None):
@@ -99,9 +102,11 @@ class Delivery:
                     delay = min(5.0, 0.2 * 2 ** (attempt - 1))
                 if self.stop.is_set() or self.stop.wait(delay):
                     raise SinkError(f"stopped while retrying transaction xid={tx.xid}: not acknowledged") from None
-                if self._reopen_projection(tx) and tx.part > 0:
-                    # Its earlier parts went with the broken connection: all over again.
-                    raise Redeliver(f"transaction xid={tx.xid} lost its earlier parts with the connection")
+                if self._reopen_projection(tx) and isinstance(self.sink, Projection):
+                    # Whether the interrupted commit landed is known only to the database: start
+                    # again from the position saved with the projection's effects (this also
+                    # brings a huge transaction's lost earlier parts again).
+                    raise Redeliver(f"the projection's connection broke on transaction xid={tx.xid}")
 
     def _connection_broken(self) -> bool:
         conn = getattr(self.sink, "conn", None)
@@ -343,7 +348,7 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
                             feed.close()  # type: ignore[attr-defined]
                             if stop.is_set():
                                 return 0
-                            log.warning("%s: delivering it again from its first part", again)
+                            log.warning("%s: resuming from the position saved with its effects", again)
                             consumer.rewind()
                             continue
                 except SinkError:

@@ -178,7 +178,7 @@ def test_server_restart_between_parts_of_a_huge_transaction_redelivers_it_from_i
         assert _stop(proc) == 0, tail(log, 20)
     check_projection(dsn)
     text = log.read_text()
-    assert "delivering it again from its first part" in text, tail(log, 20)
+    assert "resuming from the position saved with its effects" in text, tail(log, 20)
 
 
 def wait_delivered_projection(dsn: str, n: int, timeout: float) -> None:
