@@ -249,13 +249,17 @@ class Consumer:
     # -- the loop -----------------------------------------------------------------------------
 
     def _run(self) -> Iterator[Transaction]:
-        self._load_position()
-        if self.deliveries is not None:
-            self.deliveries.start_run()
         attempt = 0
         poll_only = self.mode == "poll"
+        loaded = False
         while not self._stop:
             try:
+                if not loaded:
+                    # Inside the retries: after a rewind the database may be going down again.
+                    self._load_position()
+                    if self.deliveries is not None:
+                        self.deliveries.start_run()
+                    loaded = True
                 if poll_only:
                     yield from self._poll()
                 else:
