@@ -95,6 +95,15 @@ def save(conn: psycopg.Connection, consumer: str, position: Position) -> None:
     )
 
 
+def cut_short(held: tuple[int | None, Lsn | None, int] | None, tx: Transaction) -> bool:
+    """Whether `tx` shows that the transaction whose parts up to `held` are open in the
+    database will not be continued: another transaction, or the same one from an earlier part."""
+    if held is None:
+        return False
+    xid, end, part = held
+    return (tx.xid, tx.end_lsn) != (xid, end) or tx.part <= part
+
+
 def durable(conn: psycopg.Connection) -> psycopg.Connection:
     """`conn` with synchronous_commit on for its session, whatever the server's default."""
     conn.execute("SET synchronous_commit TO on")
@@ -123,13 +132,21 @@ class Projection:
         self.conn = durable(conn)
         self.consumer = consumer
         self._open: AbstractContextManager[object] | None = None
+        self._open_part: tuple[int | None, Lsn | None, int] | None = None  # (xid, end, last part) held open
         self._seqs: list[int] = []  # of the transaction in progress, all its parts
 
     def write(self, tx: Transaction) -> None:
         opened = self._open
+        if opened is not None and cut_short(self._open_part, tx):
+            # The feed reconnected inside a huge transaction and delivers it again from its
+            # start (or moved on): the parts held open are uncommitted; undo them first.
+            self._open, self._seqs = None, []
+            opened.__exit__(_Abandoned, _Abandoned(), None)
+            opened = None
         if opened is None:
             opened = self._open = self.conn.transaction()
             opened.__enter__()
+        self._open_part = (tx.xid, tx.end_lsn, tx.part)
         try:
             if tx.events:
                 self.handler(self.conn, tx)

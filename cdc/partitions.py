@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from .checkpoint import Position, durable, load
+from .checkpoint import Position, cut_short, durable, load
 from .connection import connect
 from .errors import ConfigError, SinkError
 from .events import Event, Lsn, Transaction
@@ -95,6 +95,7 @@ class Partition:
         self.name = partition_name(consumer, index, workers)
         self._load()
         self._open: Any = None  # the psycopg transaction context, open across parts
+        self._open_part: tuple[int | None, Lsn | None, int] | None = None
         self._open_seqs: list[int] = []
         self._broken: tuple[int | None, Lsn | None] | None = None
 
@@ -107,6 +108,8 @@ class Partition:
     def write(self, tx: Transaction) -> None:
         if tx.end_lsn is not None and self.lsn is not None and tx.end_lsn <= self.lsn:
             return  # applied before a restart
+        if tx.part == 0:
+            self._broken = None  # delivered again from its start: what broke is behind us
         if self._broken is not None and self._broken == (tx.xid, tx.end_lsn):
             raise SinkError(
                 f"transaction xid={tx.xid} failed in part {tx.part} after its earlier parts were rolled "
@@ -114,10 +117,15 @@ class Partition:
             )
         mark, applied = self._global_seq, self._seqs
         events = [e for e in tx.events if e.seq > mark and e.seq not in applied]
+        if self._open is not None and cut_short(self._open_part, tx):
+            # Delivered again from an earlier part after a reconnect: undo the parts held open.
+            opened, self._open = self._open, None
+            opened.__exit__(_Abandoned, _Abandoned(), None)
         if self._open is None:
             self._open = self.conn.transaction()
             self._open.__enter__()
             self._open_seqs = []
+        self._open_part = (tx.xid, tx.end_lsn, tx.part)
         try:
             if events:
                 self.handler(self.conn, tx if len(events) == len(tx.events) else replace(tx, events=events))

@@ -79,3 +79,34 @@ def test_projection_commits_handler_writes_and_checkpoint_together(dsn, conn):
                 projection.write(tx)
     assert dict(conn.execute("SELECT stream_id, n FROM totals").fetchall()) == {"a": 6, "b": 2}
     assert len(committed_seqs(dsn)) == 8
+
+
+def _parts(xid: int, seqs: list[list[int]]) -> list[cdc.Transaction]:
+    """One transaction handed over in parts, as the stream does for a huge one."""
+    end = cdc.Lsn(0x5000 + xid)
+    return [cdc.Transaction(xid, cdc.Lsn(0x4000 + xid), end, None,
+                            [cdc.Event(s, f"s{s}", 1, "E", {}, {}, None) for s in part], "stream",
+                            n, n == len(seqs) - 1)
+            for n, part in enumerate(seqs)]
+
+
+def test_a_huge_transaction_delivered_again_from_its_start_is_applied_once(dsn, conn):
+    # The feed reconnects while a projection holds the first parts of a huge transaction open,
+    # and delivers it again from part 0: the open parts are undone, not applied twice.
+    from cdc.partitions import Partition
+
+    conn.execute("CREATE TABLE applied(seq bigint)")
+
+    def apply(c: psycopg.Connection, tx: cdc.Transaction) -> None:
+        c.cursor().executemany("INSERT INTO applied VALUES (%s)", [(e.seq,) for e in tx.events])
+
+    one, two = _parts(7, [[1, 2], [3, 4], [5]]), _parts(8, [[6], [7], [8]])
+    with psycopg.connect(dsn, autocommit=True) as pconn:
+        projection = cdc.Projection(apply, pconn, consumer="again")
+        for tx in [one[0], one[1], *one]:  # cut short after part 1, then all of it
+            projection.write(tx)
+    with psycopg.connect(dsn, autocommit=True) as pconn:
+        partition = Partition(apply, pconn, consumer="again-w", index=0, workers=2)
+        for tx in [two[0], two[1], *two]:
+            partition.write(tx)
+    assert [r[0] for r in conn.execute("SELECT seq FROM applied ORDER BY seq")] == [1, 2, 3, 4, 5, 6, 7, 8]
