@@ -206,10 +206,10 @@ class Consumer:
     def rewind(self) -> None:
         """Forget what was handed over since the last saved checkpoint, acknowledged or not,
         and drop the stream: the next iteration starts again from the saved position. For a
-        projection that lost a transaction it had applied in part (its connection broke between
-        two parts of a huge one): its row in cdc.checkpoints, written with its own effects, is
-        the truth, so the transaction comes again from its first part. Close the old iterator
-        first."""
+        projection whose connection broke: its row in cdc.checkpoints, written with its own
+        effects, is the truth about whether the interrupted commit landed, and a huge
+        transaction whose earlier parts went with the connection comes again from its first
+        part. Close the old iterator first."""
         self._pending.clear()
         self._handled_txs.clear()
         self._dirty = self._moved = False
@@ -369,15 +369,24 @@ class Consumer:
         metrics.STATUS.set_path("poll")
         self.path = "poll"
         count = 0
-        for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000):
-            count += len(tx.events)
-            yield from self._hand_over(tx)
-            self._checkpoint()  # a long replay killed midway resumes from here, not from zero
-            if self._stop:
-                # Not finished: the consumer has no position at the slot's start, so the next
-                # run repeats the hand-off from the seq position saved now.
-                self._checkpoint(final=True)
-                return None
+        try:
+            for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000):
+                count += len(tx.events)
+                yield from self._hand_over(tx)
+                self._checkpoint()  # a long replay killed midway resumes from here, not from zero
+                if self._stop:
+                    # Not finished: the consumer has no position at the slot's start, so the next
+                    # run repeats the hand-off from the seq position saved now.
+                    self._checkpoint(final=True)
+                    return None
+        except psycopg.errors.InvalidParameterValue as err:
+            if "snapshot" not in str(err):
+                raise
+            # The connection that exported it ended (a restart, a terminated walsender) before
+            # the replay took it: the slot is ahead of the position now, so the next attempt
+            # drops it and starts the hand-off again.
+            raise ConnectionLostError(f"the new slot's snapshot is gone before the replay could use it "
+                                      f"({mask(str(err).splitlines()[0])})") from None
         self._ack_pending()
         self._acked_lsn = created.consistent_point
         self._dirty = True

@@ -121,3 +121,29 @@ def test_stream_mode_without_logical_decoding_says_how_to_fix(replica_cluster):
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert "wal_level" in last and "logical" in last and "Traceback" not in out.stderr
+
+
+def test_snapshot_lost_before_the_replay_restarts_the_hand_off(dsn, conn, monkeypatch):
+    # The walsender that exported the new slot's snapshot dies (a restart, pg_terminate_backend)
+    # before the replay imports it: the hand-off starts again, and nothing is lost or repeated.
+    from cdc.replication import ReplicationStream
+
+    write_concurrently(dsn, writers=2, seconds=1, max_events=5, rollback=0.0, hold=0.0, seed=4)
+    original = ReplicationStream.create_slot
+    killed: list[int] = []
+
+    def create_then_lose_the_exporter(self, **kw):  # type: ignore[no-untyped-def]
+        created = original(self, **kw)
+        if not killed:
+            killed.append(self.walsender_pid)
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("SELECT pg_terminate_backend(%s)", (self.walsender_pid,))
+        return created
+
+    monkeypatch.setattr(ReplicationStream, "create_slot", create_then_lose_the_exporter)
+    col = Collector(Consumer(dsn, consumer="lost", backoff_max=0.5))
+    committed = committed_seqs(dsn)
+    col.wait_for(committed, timeout=60)
+    col.stop()
+    assert killed
+    _assert_exactly_once(col, committed)
