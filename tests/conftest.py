@@ -21,6 +21,8 @@ from psycopg import sql
 from cdc import store
 from cdc.embedded import Cluster, embedded_cluster
 
+from .support import drop_slot_while_running
+
 _counter = itertools.count()
 
 
@@ -72,20 +74,10 @@ def _drop_database(admin_dsn: str, dbname: str) -> None:
         for (slot,) in conn.execute(
             "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (dbname,)
         ).fetchall():
-            conn.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,)
-            )
-            for _ in range(50):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    import time
-
-                    time.sleep(0.1)
-                except psycopg.errors.UndefinedObject:
-                    break
+            try:
+                drop_slot_while_running(admin_dsn, slot, timeout=5.0)
+            except AssertionError:
+                pass  # still held: DROP DATABASE ... WITH (FORCE) below says so if it matters
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 

@@ -264,20 +264,29 @@ def project(conn, tx):
 '''
 
 
-def test_parallel_projection_is_exactly_once_across_kill_9(dsn, conn, tmp_path):
+def _projection_killed_then_drained(dsn, conn, tmp_path, *, workers: str, checkpoint_interval: str,
+                                    after_kill=lambda: None):
+    """`cdc run` with the PROJECTION handler on N workers, kill -9 mid-stream, `after_kill()`,
+    then a run to the current WAL end: (rows applied before the restart, every row, committed)."""
     conn.execute("CREATE TABLE proj (id bigserial PRIMARY KEY, seq bigint, stream_id text, version int)")
     (tmp_path / "projmod.py").write_text(PROJECTION)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    args = ("--sink", "python:projmod:project", "--workers", "8")
+    args = ("--sink", "python:projmod:project", "--workers", workers)
     prime(dsn, "default")
-    proc = _run_cli(dsn, *args, "--checkpoint-interval", "0.2", env=env)
+    proc = _run_cli(dsn, *args, "--checkpoint-interval", checkpoint_interval, env=env)
     _multi_stream_transactions(conn)
     _kill_mid_stream(proc, dsn, after=2.5)
     applied_before = conn.execute("SELECT count(*) FROM proj").fetchone()[0]
+    after_kill()
     proc = _run_cli(dsn, *args, "--endpos", _current_lsn(conn), env=env)
     assert proc.wait(60) == 0, proc.stderr.read().decode()
     rows = conn.execute("SELECT seq, stream_id, version FROM proj ORDER BY id").fetchall()
-    committed = committed_seqs(dsn)
+    return applied_before, rows, committed_seqs(dsn)
+
+
+def test_parallel_projection_is_exactly_once_across_kill_9(dsn, conn, tmp_path):
+    applied_before, rows, committed = _projection_killed_then_drained(dsn, conn, tmp_path, workers="8",
+                                                                      checkpoint_interval="0.2")
     assert 0 < applied_before < len(rows), "the kill should land mid-stream"
     assert len(rows) == len(committed) and {r[0] for r in rows} == committed, "not exactly the committed events"
     _assert_per_stream_order([(r[1], r[2]) for r in rows], first_run=len(rows))
@@ -289,20 +298,9 @@ def test_parallel_projection_is_exactly_once_when_a_kill_9_is_followed_by_a_hand
     # The partitions commit far past the consumer's checkpoint (saved every 30 s), then the
     # process dies and the slot is dropped: the restart replays by seq from that old position,
     # and every partition must know, by seq, what it applied from the stream.
-    conn.execute("CREATE TABLE proj (id bigserial PRIMARY KEY, seq bigint, stream_id text, version int)")
-    (tmp_path / "projmod.py").write_text(PROJECTION)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    args = ("--sink", "python:projmod:project", "--workers", "4")
-    prime(dsn, "default")
-    proc = _run_cli(dsn, *args, "--checkpoint-interval", "30", env=env)
-    _multi_stream_transactions(conn)
-    _kill_mid_stream(proc, dsn, after=2.5)
-    applied_before = conn.execute("SELECT count(*) FROM proj").fetchone()[0]
-    drop_slot_while_running(dsn, "cdc")
-    proc = _run_cli(dsn, *args, "--endpos", _current_lsn(conn), env=env)
-    assert proc.wait(60) == 0, proc.stderr.read().decode()
-    rows = conn.execute("SELECT seq, stream_id, version FROM proj ORDER BY id").fetchall()
-    committed = committed_seqs(dsn)
+    applied_before, rows, committed = _projection_killed_then_drained(
+        dsn, conn, tmp_path, workers="4", checkpoint_interval="30",
+        after_kill=lambda: drop_slot_while_running(dsn, "cdc"))
     assert 0 < applied_before < len(rows), "the kill should land mid-stream"
     dup = len(rows) - len({r[0] for r in rows})
     assert dup == 0, f"{dup} events applied twice"
