@@ -141,7 +141,7 @@ class Projection:
             # The feed reconnected inside a huge transaction and delivers it again from its
             # start (or moved on): the parts held open are uncommitted; undo them first.
             self._open, self._seqs = None, []
-            opened.__exit__(_Abandoned, _Abandoned(), None)
+            abandon(opened)
             opened = None
         if opened is None:
             opened = self._open = self.conn.transaction()
@@ -186,8 +186,13 @@ class Projection:
         if self._open is not None:  # a huge transaction cut short: undo its parts
             opened, self._open = self._open, None
             self._seqs = []
-            opened.__exit__(_Abandoned, _Abandoned(), None)
+            abandon(opened)
 
 
 class _Abandoned(Exception):
     pass
+
+
+def abandon(opened: AbstractContextManager[object]) -> None:
+    """Roll back a database transaction held open across the parts of a huge one."""
+    opened.__exit__(_Abandoned, _Abandoned(), None)

@@ -214,10 +214,7 @@ class Consumer:
         self._handled_txs.clear()
         self._dirty = self._moved = False
         self._drop_stream()
-        poller = self._poller
-        if poller is not None:
-            poller.close()
-            self._poller = None
+        self._drop_poller()
 
     def run(self, handler: Callable[[Transaction], object]) -> None:
         """The callback style: call `handler(tx)` for each transaction until `stop()`."""
@@ -239,10 +236,7 @@ class Consumer:
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
-            poller = self._poller
-            if poller is not None:
-                poller.close()
-                self._poller = None
+            self._drop_poller()
             if self._own_pool:
                 self.pool.close()
 
@@ -308,6 +302,11 @@ class Consumer:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+    def _drop_poller(self) -> None:
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
     # -- stream ---------------------------------------------------------------------------------
 

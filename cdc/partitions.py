@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from .checkpoint import Position, cut_short, durable, load
+from .checkpoint import Position, abandon, cut_short, durable, load
 from .connection import connect
 from .errors import ConfigError, SinkError
 from .events import Event, Lsn, Transaction
@@ -120,7 +120,7 @@ class Partition:
         if self._open is not None and cut_short(self._open_part, tx):
             # Delivered again from an earlier part after a reconnect: undo the parts held open.
             opened, self._open = self._open, None
-            opened.__exit__(_Abandoned, _Abandoned(), None)
+            abandon(opened)
         if self._open is None:
             self._open = self.conn.transaction()
             self._open.__enter__()
@@ -171,11 +171,7 @@ class Partition:
     def close(self) -> None:
         if self._open is not None:  # a huge transaction cut short: undo its parts
             opened, self._open = self._open, None
-            opened.__exit__(_Abandoned, _Abandoned(), None)
-
-
-class _Abandoned(Exception):
-    pass
+            abandon(opened)
 
 
 class Partitions:
