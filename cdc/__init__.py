@@ -25,7 +25,7 @@ from .errors import (
     SlotLostError,
     UnsupportedChangeError,
 )
-from .events import Event, Lsn, Transaction
+from .events import DecimalEvent, Event, Lsn, Transaction
 from .partitions import ParallelProjection
 from .store import DEFAULT_TABLE, EventTable, NewEvent, append, setup
 from .workers import ParallelDispatcher
@@ -39,6 +39,7 @@ __all__ = [
     "ConnectError",
     "Consumer",
     "DEFAULT_TABLE",
+    "DecimalEvent",
     "DecodeError",
     "Event",
     "EventTable",

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=None, help="sink attempts per transaction before it counts as poison (default 5)")
     p.add_argument("--on-poison", choices=["stop", "dead-letter"], default=None,
                    help="after --max-attempts failures: stop (default, nothing acknowledged) or move the transaction to cdc.dead_letters and go on")
+    p.add_argument("--numbers", choices=["float", "decimal"], default=None,
+                   help="python: sinks: how Event.data reads non-integer numbers (integers are exact either way): "
+                        "float (default) or decimal (exact). Other sinks write the payload's exact text regardless")
     p.add_argument("--webhook-secret", default=None, help="sign webhook bodies: X-Cdc-Signature: sha256=HMAC (or CDC_WEBHOOK_SECRET)")
     p.add_argument("--standby", action="store_true", default=None,
                    help="when the slot is held by another cdc, wait as a hot standby and take over when it dies")

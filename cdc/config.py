@@ -58,6 +58,7 @@ class Settings(BaseModel):
     metadata_column: str | None = None
     time_column: str | None = None
     xid_column: str | None = None
+    numbers: Literal["float", "decimal"] = "float"
     data_encoding: Literal["jsonb", "bytea", "text"] | None = None
     metadata_encoding: Literal["jsonb", "bytea", "text"] | None = None
 

@@ -34,6 +34,7 @@ from .checkpoint import Checkpoints, Position
 from .connection import describe, mask, open_pool, resolve_dsn
 from .decoding import DEFAULT_CHUNK_EVENTS, PLUGIN_OPTIONS, Decoder
 from .errors import (
+    ConfigError,
     ConnectError,
     ConnectionLostError,
     PluginMissingError,
@@ -43,7 +44,7 @@ from .errors import (
     SlotLostError,
     WalLevelError,
 )
-from .events import Lsn, Transaction
+from .events import DecimalEvent, Event, Lsn, Transaction
 from .replication import ReplicationStream
 from .store import DEFAULT_TABLE, EventTable, require_table
 
@@ -117,8 +118,13 @@ class Consumer:
         on_checkpoint: Callable[[], None] | None = None,
         record_deliveries: bool = False,
         pool: ConnectionPool | None = None,
+        numbers: Literal["float", "decimal"] = "float",
     ):
         self.dsn = resolve_dsn(dsn)
+        if numbers not in ("float", "decimal"):
+            raise ConfigError(f"numbers={numbers!r}: use 'float' or 'decimal'")
+        # How Event.data reads non-integer numbers (integers are exact either way).
+        self.event_class: type[Event] = DecimalEvent if numbers == "decimal" else Event
         self.consumer = consumer
         self.slot = slot
         self.mode: Mode = mode
@@ -369,7 +375,8 @@ class Consumer:
         self.path = "poll"
         count = 0
         try:
-            for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000):
+            for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000,
+                                    event_class=self.event_class):
                 count += len(tx.events)
                 yield from self._hand_over(tx)
                 self._checkpoint()  # a long replay killed midway resumes from here, not from zero
@@ -395,7 +402,7 @@ class Consumer:
         return created.consistent_point
 
     def _stream_loop(self, rs: ReplicationStream) -> Iterator[Transaction]:
-        decoder = Decoder(self.table, chunk_events=self.chunk_events)
+        decoder = Decoder(self.table, chunk_events=self.chunk_events, event_class=self.event_class)
         skip_to = self._acked_lsn or Lsn(0)
         endpos = self.endpos
         stop_after = endpos if endpos is not None else _NO_END
@@ -497,7 +504,7 @@ class Consumer:
 
         self._poller = poller = Poller(
             pool=self.pool, table=self.table, position=self._current_position(),
-            interval=self.poll_interval, stale_after=self.stale_after,
+            interval=self.poll_interval, stale_after=self.stale_after, event_class=self.event_class,
         )
         metrics.STATUS.set_path("poll")
         metrics.STATUS.connected = True

@@ -18,6 +18,7 @@ import orjson
 
 from .errors import DecodeError, UnsupportedChangeError
 from .events import Event, Lsn, Transaction
+from .jsontext import from_bytes, from_text, one_line
 from .store import DEFAULT_TABLE, EventTable
 
 DEFAULT_CHUNK_EVENTS = 10_000
@@ -73,7 +74,6 @@ def _start(message: memoryview) -> int:
 
 _unpack_start = struct.Struct("!Q").unpack_from
 _new_lsn = int.__new__
-_new_event = tuple.__new__  # Event(...) without the NamedTuple's Python-level __new__
 
 
 def parse_lsn(text: str) -> Lsn:
@@ -81,27 +81,25 @@ def parse_lsn(text: str) -> Lsn:
     return Lsn((int(hi, 16) << 32) | int(lo, 16))
 
 
-def _payload_reader(table: EventTable, column: str | None) -> Callable[[Any], Any]:
-    """How a data/metadata value becomes JSON: jsonb arrives as JSON text (parse it again);
-    bytea as hex (parse the bytes as JSON, else keep the hex); text as is."""
+def _payload_reader(table: EventTable, column: str | None) -> Callable[[Any], str]:
+    """How a data/metadata value becomes the event's JSON text, never parsed on the way: jsonb
+    arrives as its text in a JSON string (taken as it is); bytea as hex (its bytes if they are
+    JSON, else the hex as a JSON string); text as JSON if it is, else as a JSON string."""
     encoding = table.payload_encoding.get(column, "jsonb") if column else "text"
     if encoding == "jsonb":
-        def jsonb(value: str) -> Any:
-            # Most metadata is '{}': a new dict is five times cheaper than parsing one.
-            return {} if value == "{}" else _loads(value)
+        def jsonb(value: Any) -> str:
+            if value.__class__ is str:
+                return value if "\n" not in value and "\r" not in value else one_line(value)
+            return orjson.dumps(value).decode()  # not a string: a plugin printing json bare
         return jsonb
     if encoding == "bytea":
-        def bytea(value: str) -> Any:
-            raw = bytes.fromhex(value[2:] if value.startswith("\\x") else value)
-            try:
-                return _loads(raw)
-            except orjson.JSONDecodeError:
-                return raw.hex()
+        def bytea(value: str) -> str:
+            return from_bytes(bytes.fromhex(value[2:] if value.startswith("\\x") else value))
         return bytea
-    return lambda value: value
+    return lambda value: from_text(value if value.__class__ is str else orjson.dumps(value).decode())
 
 
-def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
+def _event_builder(table: EventTable, new: type[Event]) -> Callable[[dict[str, Any]], Event]:
     """One closure per mapping: the per-insert work is lookups and conversions only. A column
     the mapping lacks is looked up as None, which no message has: the field stays None."""
     seq, stream_id, version, etype = table.seq, table.stream_id, table.version, table.type
@@ -114,7 +112,7 @@ def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
         # wal2json gives bigint as a JSON number: no int() needed. stream_id is text for us but
         # may be a number in a mapped table, and Event.stream_id is always a str.
         sid = values[stream_id]
-        return _new_event(Event, (
+        return new(
             values[seq],
             sid if sid.__class__ is str else str(sid),
             get(version),
@@ -122,7 +120,7 @@ def _event_builder(table: EventTable) -> Callable[[dict[str, Any]], Event]:
             read_data(d) if d is not None else None,
             read_metadata(m) if m is not None else None,
             _timestamp(t) if t is not None else None,
-        ))
+        )
 
     return build
 
@@ -131,7 +129,7 @@ def _no_row(columns: list[_Column]) -> Event:
     raise AssertionError("no row layout learnt yet")  # unreachable: its length is -1
 
 
-def _row_builder(table: EventTable, names: list[str]) -> Callable[[list[_Column]], Event] | None:
+def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Callable[[list[_Column]], Event] | None:
     """The by-position twin of `_event_builder`, for a layout with every field present and
     jsonb payloads (cdc.events); None where the by-name path must serve."""
     columns = (table.seq, table.stream_id, table.version, table.type, table.data, table.metadata,
@@ -140,21 +138,32 @@ def _row_builder(table: EventTable, names: list[str]) -> Callable[[list[_Column]
     if not all(c and c in names for c in columns) or encodings - {"jsonb"}:
         return None
     i_seq, i_sid, i_ver, i_type, i_data, i_meta, i_time = (names.index(c) for c in columns)  # type: ignore[arg-type]
-    loads, timestamp = _loads, _timestamp
+    timestamp, flat = _timestamp, one_line
 
     def row(c: list[_Column]) -> Event:
         sid, d, m, t = c[i_sid].value, c[i_data].value, c[i_meta].value, c[i_time].value
-        return _new_event(Event, (
+        # The payloads' text as it is (a jsonb's has no line breaks; a json column's may).
+        if d.__class__ is not str or "\n" in d or "\r" in d:
+            d = _as_text(d, flat)
+        if m.__class__ is not str or "\n" in m or "\r" in m:
+            m = _as_text(m, flat)
+        return new(
             c[i_seq].value,
             sid if sid.__class__ is str else str(sid),
             c[i_ver].value,
             c[i_type].value,
-            loads(d) if d is not None else None,
-            ({} if m == "{}" else loads(m)) if m is not None else None,
+            d,
+            m,
             timestamp(t) if t is not None else None,
-        ))
+        )
 
     return row
+
+
+def _as_text(value: Any, flat: Callable[[str], str]) -> str | None:
+    if value is None:
+        return None
+    return flat(value) if value.__class__ is str else orjson.dumps(value).decode()
 
 
 class Decoder:
@@ -168,10 +177,12 @@ class Decoder:
 
     __slots__ = ("table", "chunk_events", "_xid", "_commit_lsn", "_end_lsn", "_time", "_events",
                  "_part", "_in_tx", "_known", "_name", "_schema", "_strict", "_build",
-                 "_nextlsn", "_layout")
+                 "_nextlsn", "_layout", "_new")
 
-    def __init__(self, table: EventTable = DEFAULT_TABLE, *, chunk_events: int = DEFAULT_CHUNK_EVENTS):
+    def __init__(self, table: EventTable = DEFAULT_TABLE, *, chunk_events: int = DEFAULT_CHUNK_EVENTS,
+                 event_class: type[Event] = Event):
         self.table = table
+        self._new = event_class
         self.chunk_events = chunk_events
         self._in_tx = False
         self._events: list[Event] = []
@@ -185,7 +196,7 @@ class Decoder:
                 table.metadata, table.created_at, table.xid)
         self._known = frozenset(c for c in cols if c)
         self._name, self._schema, self._strict = table.name, table.schema, table.strict
-        self._build = _event_builder(table)
+        self._build = _event_builder(table, event_class)
         # (column count, last column's name, builder by position) of the row layout last seen.
         # wal2json lists an insert's columns in attribute order; adding or dropping a column
         # changes the count or the last name, and then the by-name path checks and relearns.
@@ -372,7 +383,7 @@ class Decoder:
         return tx
 
     def _learn(self, names: list[str]) -> None:
-        row = _row_builder(self.table, names)
+        row = _row_builder(self.table, names, self._new)
         self._layout = (len(names), names[-1], row) if row is not None and names else (-1, None, _no_row)
 
     def _altered(self, values: dict[str, Any], lsn: int) -> UnsupportedChangeError:

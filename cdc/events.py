@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
+
+import orjson
+
+from .jsontext import loads
 
 Source = Literal["stream", "poll"]
 
@@ -34,21 +38,95 @@ class Lsn(int):
         return f"Lsn('{self}')"
 
 
-class Event(NamedTuple):
-    """One row of the events table, decoded.
+class Event:
+    """One row of the events table. The fields a mapped table lacks are None.
 
-    `data` and `metadata` are already parsed JSON. The fields a mapped table lacks are None.
-    A NamedTuple rather than a frozen dataclass: just as immutable, and five times cheaper to
-    make (0.2 µs against 1 µs), which matters at one per event on the hot path.
+    `data_json` and `metadata_json` are the payloads' JSON text exactly as PostgreSQL produced it
+    (`jsonb::text`): sinks splice it into their output unparsed, so numbers and documents reach
+    them as PostgreSQL holds them. `data` and `metadata` parse it on first access (see
+    `cdc.jsontext.loads` for the number policy: integers exact, other numbers float, or Decimal
+    with `DecimalEvent`, which `Consumer(numbers="decimal")` makes).
+
+    Read-only by contract. A slotted class rather than a frozen dataclass or a NamedTuple: as
+    cheap to make as a tuple, with room for the parsed payloads once someone asks for them.
     """
+
+    __slots__ = ("seq", "stream_id", "version", "type", "data_json", "metadata_json", "created_at",
+                 "_data", "_metadata")
+    _decimal = False
 
     seq: int
     stream_id: str
     version: int | None
     type: str | None
-    data: Any
-    metadata: Any
+    data_json: str | None
+    metadata_json: str | None
     created_at: datetime | None
+    _data: Any
+    _metadata: Any
+
+    def __init__(self, seq: int, stream_id: str, version: int | None, type: str | None,
+                 data_json: str | None, metadata_json: str | None, created_at: datetime | None):
+        self.seq = seq
+        self.stream_id = stream_id
+        self.version = version
+        self.type = type
+        self.data_json = data_json
+        self.metadata_json = metadata_json
+        self.created_at = created_at
+
+    @property
+    def data(self) -> Any:
+        """The data, parsed from `data_json` once (None where the table has no data column)."""
+        try:
+            return self._data
+        except AttributeError:
+            text = self.data_json
+            value = self._data = None if text is None else loads(text, decimal=self._decimal)
+            return value
+
+    @property
+    def metadata(self) -> Any:
+        """The metadata, parsed from `metadata_json` once."""
+        try:
+            return self._metadata
+        except AttributeError:
+            text = self.metadata_json
+            if text is None:
+                value: Any = None
+            elif text == "{}":
+                value = {}
+            else:
+                value = loads(text, decimal=self._decimal)
+            self._metadata = value
+            return value
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.seq, self.stream_id, self.version, self.type, self.data_json,
+                self.metadata_json, self.created_at)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(seq={self.seq!r}, stream_id={self.stream_id!r}, version={self.version!r}, "
+                f"type={self.type!r}, data_json={self.data_json!r}, metadata_json={self.metadata_json!r}, "
+                f"created_at={self.created_at!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._key())
+
+
+class DecimalEvent(Event):
+    """An Event whose `data` and `metadata` read non-integer numbers as `decimal.Decimal`."""
+
+    __slots__ = ()
+    _decimal = True
 
 
 @dataclass(slots=True)
@@ -81,12 +159,14 @@ class Transaction:
         return self.events[-1].seq if self.events else None
 
     def records(self) -> list[dict[str, Any]]:
-        """The events as the flat dicts the stdout and jsonl sinks print, one per event."""
+        """The events as flat dicts (the sinks' record, see `wire_records`) with the payloads
+        parsed into Python objects."""
         return [record(e, self) for e in self.events]
 
 
 def record(event: Event, tx: Transaction) -> dict[str, Any]:
-    """The published record of an event: the contract of the stdout, jsonl and webhook sinks."""
+    """An event's record with its payloads parsed, for library code: `data` and `metadata` are
+    Python objects here (see `Event.data`); the sinks write `wire_record` instead."""
     return {
         "seq": event.seq,
         "stream_id": event.stream_id,
@@ -99,3 +179,27 @@ def record(event: Event, tx: Transaction) -> dict[str, Any]:
         "commit_lsn": str(tx.commit_lsn) if tx.commit_lsn is not None else None,
         "source": tx.source,
     }
+
+
+_Fragment = orjson.Fragment
+_EMPTY = orjson.Fragment(b"{}")
+
+
+def wire_records(tx: Transaction) -> list[dict[str, Any]]:
+    """The published records of a transaction's events: the contract of the stdout, jsonl,
+    webhook and dead-letter sinks. The payloads are `orjson.Fragment`s of the exact JSON text,
+    so `orjson.dumps` splices them in unparsed (numbers exact, any depth)."""
+    source, xid = tx.source, tx.xid
+    commit = str(tx.commit_lsn) if tx.commit_lsn is not None else None
+    fragment, empty = _Fragment, _EMPTY
+    out = []
+    for e in tx.events:
+        d, m, t = e.data_json, e.metadata_json, e.created_at
+        out.append({
+            "seq": e.seq, "stream_id": e.stream_id, "version": e.version, "type": e.type,
+            "data": None if d is None else fragment(d),
+            "metadata": None if m is None else (empty if m == "{}" else fragment(m)),
+            "created_at": t.isoformat() if t is not None else None,
+            "xid": xid, "commit_lsn": commit, "source": source,
+        })
+    return out

@@ -20,15 +20,13 @@ import re
 import select
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
-from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool
 
 from . import metrics
@@ -42,6 +40,7 @@ from .holes import (
     sequence_oid,
     transaction_ages,
 )
+from .jsontext import from_bytes, from_text, one_line
 from .sinks import Sink
 from .store import DEFAULT_TABLE, NOTIFY_CHANNEL, EventTable
 
@@ -51,28 +50,27 @@ _Row = tuple[Any, ...]
 
 
 class _Decode:
-    """Rows of `EventTable.select_list()` → Events. bytea payloads are JSON bytes; jsonb comes
-    already parsed (orjson as the connection's loader)."""
+    """Rows of `EventTable.select_list()` → Events. jsonb payloads come as their text (the
+    select list casts them) and stay text; bytea and text payloads become JSON text (jsontext)."""
 
-    def __init__(self, table: EventTable):
-        self.bytea = tuple(i for i, col in ((4, table.data), (5, table.metadata))
-                           if col and table.payload_encoding.get(col) == "bytea")
+    def __init__(self, table: EventTable, event_class: type[Event] = Event):
+        self.new = event_class
+        readers: dict[str, Callable[[Any], str]] = {
+            "bytea": lambda v: from_bytes(bytes(v)), "text": from_text, "jsonb": one_line}
+        self.convert = tuple((i, readers[table.payload_encoding.get(col, "jsonb")])
+                             for i, col in ((4, table.data), (5, table.metadata)) if col)
 
     def event(self, row: _Row) -> Event:
-        if self.bytea:
-            values = list(row[:7])
-            for i in self.bytea:
-                if values[i] is not None:
-                    raw = bytes(values[i])
-                    try:
-                        values[i] = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        values[i] = raw.hex()
-            row = tuple(values)
+        d, m = row[4], row[5]
+        for i, read in self.convert:
+            if i == 4:
+                d = None if d is None else read(d)
+            else:
+                m = None if m is None else read(m)
         stream_id = row[1]
         if type(stream_id) is not str:
             stream_id = str(stream_id)
-        return Event(row[0], stream_id, row[2], row[3], row[4], row[5], row[6])
+        return self.new(row[0], stream_id, row[2], row[3], d, m, row[6])
 
 
 def _select(table: EventTable, where: sql.Composable, limit: bool) -> sql.Composed:
@@ -99,6 +97,7 @@ class Poller:
         interval: float = 0.1,
         stale_after: float = 3.0,
         listen: bool = True,
+        event_class: type[Event] = Event,
     ):
         self.pool = pool
         self.table = table
@@ -109,7 +108,7 @@ class Poller:
         self.page_size = page_size
         self.interval = interval
         self.tracker = HoleTracker(stale_after=stale_after)
-        self._decode = _Decode(table)
+        self._decode = _Decode(table, event_class)
         self._has_xid = table.xid is not None
         self._query = _select(table, sql.SQL("{} > %(after)s").format(sql.Identifier(table.seq)), True)
         self._seq_oid: int | None = None
@@ -161,7 +160,6 @@ class Poller:
         with self.pool.connection() as conn:
             if self._seq_oid is None:
                 self._seq_oid = sequence_oid(conn, self.table)
-                set_json_loads(orjson.loads, conn)
             if tracker.waiting():
                 tracker.check(live_holders(conn, tracker.watched(), self._seq_oid))  # T3
             rows = conn.execute(self._query, {"after": self.high_water_mark, "limit": self.page_size}).fetchall()  # T4
@@ -331,6 +329,7 @@ def replay(
     sink: Sink,
     progress: bool = True,
     batch: int = 10_000,
+    event_class: type[Event] = Event,
 ) -> ReplaySummary:
     """Hand every committed event with from_seq < seq <= to_seq to `sink`, in seq order, fast.
 
@@ -340,13 +339,13 @@ def replay(
     """
     if isinstance(source, str):
         with psycopg.connect(source, autocommit=True) as conn:
-            return _replay(conn, table, from_seq, to_seq, sink, progress, batch)
+            return _replay(conn, table, from_seq, to_seq, sink, progress, batch, event_class)
     with source.connection() as conn:
-        return _replay(conn, table, from_seq, to_seq, sink, progress, batch)
+        return _replay(conn, table, from_seq, to_seq, sink, progress, batch, event_class)
 
 
 def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: int | None,
-            sink: Sink, progress: bool, batch: int) -> ReplaySummary:
+            sink: Sink, progress: bool, batch: int, event_class: type[Event] = Event) -> ReplaySummary:
     started = time.monotonic()
     top = proven_upper_bound(conn, table, to_seq)
     bar = _Progress(from_seq, top, progress)
@@ -355,7 +354,7 @@ def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: 
     if top > from_seq and write_lines is not None and _jsonb_payloads(table):
         events, transactions = _replay_lines(conn, table, from_seq, top, write_lines, bar, batch)
     elif top > from_seq:
-        for tx in _read_range(conn, table, from_seq, top, batch):
+        for tx in _read_range(conn, table, from_seq, top, batch, event_class):
             sink.write(tx)
             events += len(tx.events)
             transactions += 1 if tx.final else 0
@@ -370,7 +369,7 @@ def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: 
 
 
 def _read_range(conn: psycopg.Connection, table: EventTable, after: int, upto: int,
-                batch: int) -> Iterator[Transaction]:
+                batch: int, event_class: type[Event] = Event) -> Iterator[Transaction]:
     where = sql.SQL("{seq} > %(after)s AND {seq} <= %(upto)s").format(seq=sql.Identifier(table.seq))
     query = _select(table, where, False)
     autocommit = conn.autocommit
@@ -378,10 +377,10 @@ def _read_range(conn: psycopg.Connection, table: EventTable, after: int, upto: i
     try:
         with conn.transaction():
             if _jsonb_payloads(table):
-                yield from _copy_text(conn, table, query, {"after": after, "upto": upto}, batch)
+                yield from _copy_text(conn, table, query, {"after": after, "upto": upto}, batch, event_class)
             else:
                 yield from _rows_to_transactions(conn, table, query, {"after": after, "upto": upto},
-                                                 frozenset(), batch)
+                                                 frozenset(), batch, event_class)
     finally:
         conn.autocommit = autocommit
 
@@ -400,17 +399,17 @@ def _unescape(field: bytes) -> bytes:
 
 
 def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
-               params: dict[str, Any], batch: int) -> Iterator[Transaction]:
+               params: dict[str, Any], batch: int, event_class: type[Event] = Event) -> Iterator[Transaction]:
     """The replay hot path: `COPY (SELECT ...) TO STDOUT` in text, parsed here.
 
     Measured on 1M rows (2 cores): ~1.8x a binary server-side cursor and ~1.7x binary COPY
-    through psycopg's row loaders. What costs is Python per row, so: one split per line,
-    orjson on the jsonb text, a timestamp parsed once per distinct value (a transaction's rows
-    share now()), and Events made with tuple.__new__ (no NamedTuple __new__ in between).
+    through psycopg's row loaders. What costs is Python per row, so: one split per line, the
+    jsonb text kept as it is (never parsed), a timestamp parsed once per distinct value (a
+    transaction's rows share now()).
     """
     conn.execute("SET LOCAL DateStyle = ISO")
     copy_sql = sql.SQL("COPY ({}) TO STDOUT").format(query)
-    loads, fromiso, new = orjson.loads, datetime.fromisoformat, tuple.__new__
+    fromiso, new, flat = datetime.fromisoformat, event_class, one_line
     null = b"\\N"
     has_xid = table.xid is not None
     last_ts: bytes | None = None
@@ -435,15 +434,15 @@ def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
                 ts = f[6]
                 if ts != last_ts:
                     last_ts, last_dt = ts, (None if ts == null else fromiso(ts.decode()))
-                e = new(Event, (
+                e = new(
                     int(f[0]),
                     _unescape(f[1]).decode(),
                     None if f[2] == null else int(f[2]),
                     None if f[3] == null else _unescape(f[3]).decode(),
-                    None if f[4] == null else loads(_unescape(f[4])),
-                    None if f[5] == null else loads(_unescape(f[5])),
+                    None if f[4] == null else flat(_unescape(f[4]).decode()),
+                    None if f[5] == null else flat(_unescape(f[5]).decode()),
                     last_dt,
-                ))
+                )
                 run.append(e)
     if run or part:
         yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, True)
@@ -455,10 +454,9 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
 
     Each line is byte for byte what `sinks.StreamSink.write` prints for the event (a test holds
     both paths to that). The server writes the record's head (`{"seq":...,"data":`, strings
-    quoted by to_json, whose escapes are orjson's); the payloads are canonicalized here by
-    orjson (loads + dumps, as the object path does: jsonb's text form has other spacing and
-    number forms), repeated ones (`{}` metadata) from a cache; the tail (created_at as
-    datetime.isoformat, xid) is built once a transaction, since its rows share both.
+    quoted by to_json, whose escapes are orjson's); the payloads are PostgreSQL's text, spliced
+    in as it is, as on the object path; the tail (created_at as datetime.isoformat, xid) is
+    built once a transaction, since its rows share both.
 
     CSV with \x01 as delimiter and \x02 as quote: neither can occur in JSON text or in a
     timestamp, so no value is ever quoted or escaped and a row splits with one call. libpq
@@ -482,8 +480,7 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
     ).format(head=head, data=column(table.data, "{}::text"), metadata=column(table.metadata, "{}::text"),
              created_at=column(table.created_at, "{}::text"), xid=column(table.xid, "{}::text"),
              table=table.ident(), s=seq_col)
-    loads, dumps, fromiso = orjson.loads, orjson.dumps, datetime.fromisoformat
-    meta_cache: dict[bytes, bytes] = {}
+    fromiso = datetime.fromisoformat
     last_ts = last_xid = None
     tail = b""
     events = transactions = 0
@@ -504,12 +501,13 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
                         tail = b',"created_at":%b,"xid":%b,"commit_lsn":null,"source":"poll"}\n' % (
                             b'"%b"' % fromiso(ts.decode()).isoformat().encode() if ts else b"null",
                             b"%d" % _xid32(int(xid)) if xid != b"\n" else b"null")
-                    meta = meta_cache.get(metadata)
-                    if meta is None:
-                        meta = b',"metadata":' + (dumps(loads(metadata)) if metadata else b"null")
-                        if len(metadata) <= 256 and len(meta_cache) < 1024:
-                            meta_cache[metadata] = meta
-                    out.append(head_json + (dumps(loads(data)) if data else b"null") + meta + tail)
+                    # A field is quoted (\x02) only if it holds a line break: a json column's
+                    # whitespace, made spaces as on the object path (jsontext.one_line).
+                    if data[:1] == b"\x02":
+                        data = _flat_field(data)
+                    if metadata[:1] == b"\x02":
+                        metadata = _flat_field(metadata)
+                    out.append(head_json + (data or b"null") + b',"metadata":' + (metadata or b"null") + tail)
                     if len(out) >= 1000:
                         write_lines(b"".join(out))
                         events += len(out)
@@ -525,6 +523,10 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
     return events, transactions
 
 
+def _flat_field(field: bytes) -> bytes:
+    return field[1:-1].replace(b"\r", b" ").replace(b"\n", b" ")
+
+
 def _xid32(xid: int) -> int:
     # As the select list's mod(xid::text::numeric, 2^32): the sign of the dividend.
     return xid % 4294967296 if xid >= 0 else -(-xid % 4294967296)
@@ -535,11 +537,11 @@ def _xid(text: bytes | None) -> int | None:
 
 
 def _rows_to_transactions(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
-                          params: dict[str, Any], skip: frozenset[int], batch: int) -> Iterator[Transaction]:
+                          params: dict[str, Any], skip: frozenset[int], batch: int,
+                          event_class: type[Event] = Event) -> Iterator[Transaction]:
     """Stream `query`'s rows through a server-side cursor as poll Transactions: consecutive
     rows of one xid are one transaction, handed out in parts of at most `batch` events."""
-    set_json_loads(orjson.loads, conn)
-    event = _Decode(table).event
+    event = _Decode(table, event_class).event
     has_xid = table.xid is not None
     with conn.cursor(name="cdc_read", binary=True) as cur:
         cur.itersize = batch
@@ -577,6 +579,7 @@ def read_snapshot(
     table: EventTable = DEFAULT_TABLE,
     after: Position,
     batch: int = 10_000,
+    event_class: type[Event] = Event,
 ) -> Iterator[Transaction]:
     """Every row with seq > after.seq, not in after.seqs_above, as of an exported snapshot.
 
@@ -591,4 +594,4 @@ def read_snapshot(
         with conn.transaction():
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             yield from _rows_to_transactions(conn, table, query, {"after": after.seq},
-                                             frozenset(after.seqs_above), batch)
+                                             frozenset(after.seqs_above), batch, event_class)

@@ -19,7 +19,7 @@ from .config import Settings
 from .connection import connect, resolve_dsn, server_not_ready
 from .consumer import Consumer
 from .errors import CdcError, SinkError, SlotInUseError
-from .events import Lsn, Transaction
+from .events import Lsn, Transaction, wire_records
 from .partitions import Partition
 from .sinks import Sink, load_callable, open_sink
 from .store import DEFAULT_TABLE, EventTable
@@ -137,9 +137,9 @@ class Delivery:
         with connect(self.dsn, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO cdc.dead_letters (consumer, xid, commit_lsn, seqs, records, error, attempts) "
-                "VALUES (%s, %s, %s::pg_lsn, %s, %s::jsonb, %s, %s)",
+                "VALUES (%s, %s, %s::pg_lsn, %s, %s, %s, %s)",
                 (self.settings.consumer, tx.xid, str(tx.commit_lsn) if tx.commit_lsn else None,
-                 [e.seq for e in tx.events], orjson.dumps(tx.records()).decode(), _one_line(err), attempts),
+                 [e.seq for e in tx.events], orjson.dumps(wire_records(tx)).decode(), _one_line(err), attempts),
             )
         metrics.DEAD_LETTERS.inc(len(tx.events))
         log.error("moved transaction xid=%s lsn=%s (%d events) to cdc.dead_letters: %s",
@@ -253,7 +253,7 @@ def run(settings: Settings) -> int:
                     checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
                     stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
                     record_deliveries=settings.record_deliveries or settings.reconcile,
-                    reconnect=True, auto_ack=settings.workers == 1,
+                    reconnect=True, auto_ack=settings.workers == 1, numbers=settings.numbers,
                 )
                 break
             except (CdcError, psycopg.OperationalError) as err:

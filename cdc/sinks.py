@@ -2,7 +2,8 @@
 
 A sink's contract: `write(tx)` hands it a transaction (or a part of a huge one); `flush()`
 makes everything written so far durable, and only after it returns may the position be
-acknowledged. Records are one JSON line per event (see `events.record`), written whole.
+acknowledged. Records are one JSON line per event (see `events.wire_records`), written whole, the payloads
+spliced in as the exact JSON text PostgreSQL holds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import IO, Protocol
 import orjson
 
 from .errors import ConfigError
-from .events import Transaction
+from .events import Transaction, wire_records
 
 
 class Sink(Protocol):
@@ -29,18 +30,8 @@ class Sink(Protocol):
 
 def _lines(tx: Transaction) -> bytes:
     # One buffer per transaction: each line is written whole, and one write serves them all.
-    source = tx.source
-    xid = tx.xid
-    commit = str(tx.commit_lsn) if tx.commit_lsn is not None else None
     dumps = orjson.dumps
-    out = []
-    for e in tx.events:
-        out.append(dumps({
-            "seq": e.seq, "stream_id": e.stream_id, "version": e.version, "type": e.type,
-            "data": e.data, "metadata": e.metadata,
-            "created_at": e.created_at.isoformat() if e.created_at is not None else None,
-            "xid": xid, "commit_lsn": commit, "source": source,
-        }))
+    out = [dumps(r) for r in wire_records(tx)]
     out.append(b"")
     return b"\n".join(out)
 

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from . import jsontext
 from .errors import ConcurrencyError, EventsTableMissingError
 
 NOTIFY_CHANNEL = "cdc_events"
@@ -54,11 +54,17 @@ CREATE TABLE IF NOT EXISTS cdc.dead_letters (
     xid        bigint,
     commit_lsn pg_lsn,
     seqs       bigint[]    NOT NULL,
-    records    jsonb       NOT NULL,
+    records    json        NOT NULL,  -- json, not jsonb: the payloads' exact text
     error      text        NOT NULL,
     attempts   int         NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+DO $$ BEGIN
+    IF (SELECT atttypid FROM pg_attribute
+        WHERE attrelid = 'cdc.dead_letters'::regclass AND attname = 'records') = 'jsonb'::regtype THEN
+        ALTER TABLE cdc.dead_letters ALTER COLUMN records TYPE json USING records::json;
+    END IF;
+END $$;
 -- The compact record of what a consumer was handed, for the reconciler (see reconcile.py).
 -- One row an event delivered; `delivery` counts per consumer, in delivery (= commit) order.
 CREATE TABLE IF NOT EXISTS cdc.deliveries (
@@ -124,8 +130,9 @@ class EventTable:
     metadata: str | None = "metadata"
     created_at: str | None = "created_at"
     xid: str | None = "xid"
-    # How a column's value becomes JSON: "jsonb" (parse text), "bytea" (hex of utf-8 JSON),
-    # "text" (keep as is). Only data and metadata need it.
+    # How a column's value becomes JSON text (see jsontext): "jsonb" (a jsonb or json column:
+    # its text), "bytea" (UTF-8 JSON bytes, else their hex as a JSON string), "text" (JSON text,
+    # else a JSON string of it). Only data and metadata need it.
     payload_encoding: dict[str, str] = field(default_factory=dict)
     # Stop on columns the mapping does not name (the table was altered). Off for mapped tables
     # of other event stores, which carry columns we do not read.
@@ -139,11 +146,17 @@ class EventTable:
         return sql.Identifier(self.schema, self.name)
 
     def select_list(self) -> sql.Composable:
-        """The columns a reader needs, in Event field order, NULL where a column is missing."""
+        """The columns a reader needs, in Event field order, NULL where a column is missing.
+        jsonb payloads as their text: it goes to the sinks as it is, never parsed."""
         parts: list[sql.Composable] = []
         for col in (self.seq, self.stream_id, self.version, self.type, self.data,
                     self.metadata, self.created_at):
-            parts.append(sql.Identifier(col) if col else sql.SQL("NULL"))
+            if not col:
+                parts.append(sql.SQL("NULL"))
+            elif col in (self.data, self.metadata) and self.payload_encoding.get(col, "jsonb") == "jsonb":
+                parts.append(sql.SQL("{}::text").format(sql.Identifier(col)))
+            else:
+                parts.append(sql.Identifier(col))
         # The xid8 as a 32-bit xid, as the stream names transactions.
         parts.append(
             sql.SQL("mod({}::text::numeric, 4294967296)::bigint").format(sql.Identifier(self.xid))
@@ -238,8 +251,8 @@ def _append(
                     stream_id,
                     versions,
                     [e.type for e in events],
-                    [orjson.dumps(e.data).decode() for e in events],
-                    [orjson.dumps(e.metadata if e.metadata is not None else {}).decode() for e in events],
+                    [jsontext.dumps(e.data) for e in events],
+                    [jsontext.dumps(e.metadata if e.metadata is not None else {}) for e in events],
                 ),
             ).fetchall()
             if notify:

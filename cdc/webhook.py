@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from .errors import ConfigError, SinkError
-from .events import Transaction
+from .events import Transaction, wire_records
 
 log = logging.getLogger("cdc.webhook")
 
@@ -66,7 +66,7 @@ def body(tx: Transaction, slice_label: str | None = None) -> bytes:
     doc: dict[str, Any] = {
         "xid": tx.xid,
         "commit_lsn": str(tx.commit_lsn) if tx.commit_lsn is not None else None,
-        "events": tx.records(),
+        "events": wire_records(tx),  # payloads spliced as exact text
     }
     if tx.part > 0 or not tx.final:
         doc["part"] = tx.part

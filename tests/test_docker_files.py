@@ -294,7 +294,7 @@ def test_receiver_accepts_a_signed_delivery_and_drops_repeats(
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/events"
         tx = Transaction(7, Lsn.parse("0/10"), None, None,
-                         [Event(1, "o-1", 1, "Placed", {}, {}, datetime(2024, 1, 1, tzinfo=timezone.utc))], "stream")
+                         [Event(1, "o-1", 1, "Placed", "{}", "{}", datetime(2024, 1, 1, tzinfo=timezone.utc))], "stream")
         WebhookSink(url, secret="change-me").write(tx)
         WebhookSink(url, secret="change-me").write(tx)
         out = capsys.readouterr().out

@@ -85,7 +85,7 @@ def _parts(xid: int, seqs: list[list[int]]) -> list[cdc.Transaction]:
     """One transaction handed over in parts, as the stream does for a huge one."""
     end = cdc.Lsn(0x5000 + xid)
     return [cdc.Transaction(xid, cdc.Lsn(0x4000 + xid), end, None,
-                            [cdc.Event(s, f"s{s}", 1, "E", {}, {}, None) for s in part], "stream",
+                            [cdc.Event(s, f"s{s}", 1, "E", "{}", "{}", None) for s in part], "stream",
                             n, n == len(seqs) - 1)
             for n, part in enumerate(seqs)]
 

@@ -3,6 +3,7 @@ their published DDL and appended to the way those libraries append, read by ever
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -10,6 +11,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -322,20 +324,63 @@ def test_a_sink_writes_the_mapped_fields(es: tuple[Store, str], tmp_path: Any) -
 
 def test_eventsourcing_state_is_json_when_it_parses_else_hex_on_both_paths(empty_dsn: str) -> None:
     s = STORES["eventsourcing"]
+    nan = json.dumps({"x": float("nan"), "y": float("inf")}).encode()  # what Python's json writes: not JSON
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(s.ddl)
         store.setup(conn)
-        history = s.append(conn, uuid.UUID(int=5), [("t", {"a": "ü"}), ("t", b"\x00\xffnot json"), ("t", [1, 2])])
+        history = s.append(conn, uuid.UUID(int=5), [("t", {"a": "ü"}), ("t", b"\x00\xffnot json"), ("t", [1, 2]),
+                                                   ("t", nan), ("t", b'{\n  "big": 1e400,\r\n "n": 12345678901234567890123}')])
         with Consumer(empty_dsn, consumer="s", table=s.table, mode="stream",
                       endpos=Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])) as f:
-            assert [e.data for tx in f for e in tx.events] == [{"a": "ü"}, "00ff6e6f74206a736f6e", [1, 2]]
-        live = s.append(conn, uuid.UUID(int=5), [("t", b"\x01\x02"), ("t", {"b": None})])
+            events = [e for tx in f for e in tx.events]
+        assert [e.data for e in events[:4]] == [{"a": "ü"}, "00ff6e6f74206a736f6e", [1, 2], nan.hex()]
+        # JSON text passes through as it is, numbers exact; its line breaks (whitespace) become spaces.
+        assert events[4].data_json == '{   "big": 1e400,   "n": 12345678901234567890123}'
+        assert events[4].data == {"big": Decimal("1e400"), "n": 12345678901234567890123}
+        live = s.append(conn, uuid.UUID(int=5), [("t", b"\x01\x02"), ("t", {"b": None}), ("t", nan)])
         col = Collector(Consumer(empty_dsn, consumer="s", table=s.table, mode="stream"))
         col.wait_for(set(live))
         col.stop()
-        assert [e.data for tx in col.transactions for e in tx.events] == ["0102", {"b": None}]
+        assert [e.data for tx in col.transactions for e in tx.events] == ["0102", {"b": None}, nan.hex()]
         assert {tx.source for tx in col.transactions} == {"stream"}
-        assert sorted(history) + sorted(live) == list(range(1, 6))
+        assert sorted(history) + sorted(live) == list(range(1, 9))
+        # The poll path and the replay read the same states the same way.
+        col = Collector(Consumer(empty_dsn, consumer="p", table=s.table, mode="poll"))
+        col.wait_for(set(history) | set(live))
+        col.stop()
+        assert [e.data_json for tx in col.transactions for e in tx.events] == [e.data_json for e in events] + [
+            '"0102"', '{"b":null}', '"' + nan.hex() + '"']
+
+
+def test_a_text_payload_is_json_when_it_parses_else_a_json_string(empty_dsn: str, tmp_path: Any) -> None:
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app; CREATE TABLE app.ev (id bigserial PRIMARY KEY, stream text NOT NULL, "
+                     "body text, meta json)")
+        store.setup(conn)
+        table = EventTable(schema="app", name="ev", seq="id", stream_id="stream", version=None, type=None,
+                           data="body", metadata="meta", created_at=None, xid=None,
+                           payload_encoding={"body": "text"}, strict=False)
+        rows = [("plain words", '{"m": 1}'), ('{"n": 1e400}', '{\n "a":\t[1,\r\n2]}'), ("NaN", None),
+                ('"quoted"', "[]")]
+        for body, meta in rows:
+            conn.execute("INSERT INTO app.ev (stream, body, meta) VALUES ('s', %s, %s)", (body, meta))
+        expect = [('"plain words"', '{"m": 1}'), ('{"n": 1e400}', '{  "a":\t[1,  2]}'), ('"NaN"', None),
+                  ('"quoted"', "[]")]
+        end = Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        with Consumer(empty_dsn, consumer="t", table=table, mode="stream", endpos=end) as f:
+            streamed = [(e.data_json, e.metadata_json) for tx in f for e in tx.events]
+        col = Collector(Consumer(empty_dsn, consumer="tp", table=table, mode="poll"))
+        col.wait_for({1, 2, 3, 4})
+        col.stop()
+        polled = [(e.data_json, e.metadata_json) for tx in col.transactions for e in tx.events]
+        assert streamed == polled == expect
+        sink = open_sink(f"jsonl:{tmp_path / 'out.jsonl'}")
+        for tx in col.transactions:
+            sink.write(tx)
+        sink.close()
+        lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
+        assert [json.loads(line, parse_float=Decimal)["data"] for line in lines] == [
+            "plain words", {"n": Decimal("1e400")}, "NaN", "quoted"]
 
 
 # -- check ----------------------------------------------------------------------------------------

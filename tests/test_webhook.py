@@ -91,7 +91,7 @@ def free_port() -> int:
 
 
 def tx(*seqs: int, lsn: str | None = "0/16B3748", part: int = 0, final: bool = True) -> Transaction:
-    events = [Event(s, "order-1", s, "Placed", {"n": s}, {}, datetime(2024, 1, 1, tzinfo=timezone.utc)) for s in seqs]
+    events = [Event(s, "order-1", s, "Placed", f"{{\"n\": {s}}}", "{}", datetime(2024, 1, 1, tzinfo=timezone.utc)) for s in seqs]
     return Transaction(741, Lsn.parse(lsn) if lsn else None, None, None, events,
                        "stream" if lsn else "poll", part, final)
 

@@ -54,7 +54,7 @@ class FakeFeed:
 
 
 def _tx(n: int, *streams: str, part: int = 0, final: bool = True) -> Transaction:
-    events = [Event(n * 100 + i, s, 1, "E", {}, None, None) for i, s in enumerate(streams)]
+    events = [Event(n * 100 + i, s, 1, "E", "{}", None, None) for i, s in enumerate(streams)]
     return Transaction(n, Lsn(n * 10), Lsn(n * 10 + 1), datetime.now(UTC), events, "stream", part, final)
 
 
