@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg_pool import ConnectionPool
 
 from . import metrics
@@ -393,9 +394,79 @@ def _jsonb_payloads(table: EventTable) -> bool:
 _UNESCAPE = {b"\\\\": b"\\", b"\\b": b"\b", b"\\f": b"\f", b"\\n": b"\n", b"\\r": b"\r",
              b"\\t": b"\t", b"\\v": b"\v"}
 _ESCAPED = re.compile(rb"\\[\\bfnrtv]")
+# What makes a COPY text field more than its JSON string's contents: a COPY escape (\\), a
+# quote, or a control character (COPY writes \x01 and the like raw).
+_JSON_SPECIAL = re.compile(rb'[\x00-\x1f"\\]').search
 
 def _unescape(field: bytes) -> bytes:
     return _ESCAPED.sub(lambda m: _UNESCAPE[m.group()], field) if b"\\" in field else field
+
+
+def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str, Any]) -> Iterator[list[bytes]]:
+    """The rows of `COPY ... TO STDOUT` (text format: without their newline), in batches of
+    what libpq has buffered.
+
+    Read from libpq directly: psycopg's Copy iterator costs a generator round and a wait per row
+    (libpq returns one row a call), ~1.8 µs, more than everything else the replay does per row
+    and enough to make Python the bottleneck against the server's COPY. Here a row costs one
+    PQgetCopyData call; when nothing is buffered, we wait for the socket and read more."""
+    text = psycopg.ClientCursor(conn).mogrify(copy_sql, params)
+    pgconn = conn.pgconn
+    pgconn.send_query(text.encode(conn.info.encoding))
+    result = _next_result(pgconn)
+    if result is None or result.status != pq.ExecStatus.COPY_OUT:
+        _finish(conn, result)
+    get, fd = pgconn.get_copy_data, pgconn.socket
+    try:
+        while True:
+            chunks: list[Any] = []
+            while True:
+                n, data = get(1)
+                if n <= 0:
+                    break
+                chunks.append(data)
+            if chunks:
+                rows = b"".join(chunks).split(b"\n")  # one copy and one split for the batch
+                rows.pop()
+                yield rows
+            if n == -1:
+                break
+            if n == 0:
+                select.select([fd], [], [])
+                pgconn.consume_input()
+            else:
+                raise psycopg.OperationalError(pgconn.get_error_message() or "COPY failed")
+    except BaseException:
+        if pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+            cancel = pgconn.cancel_conn()  # a consumer that stops early: end the COPY at once
+            cancel.blocking()
+            cancel.finish()
+            while (result := pgconn.get_result()) is not None:
+                pass
+        raise
+    _finish(conn, _next_result(pgconn))
+
+
+def _next_result(pgconn: Any) -> Any:
+    """libpq's next result, waiting on the socket instead of blocking in C (so Ctrl-C works)."""
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [])
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
+def _finish(conn: psycopg.Connection, result: Any) -> None:
+    """The COPY's final result: raise its error, and drain the results after it."""
+    pgconn = conn.pgconn
+    error: psycopg.Error | None = None
+    if result is None:
+        error = psycopg.OperationalError(pgconn.get_error_message() or "the server sent no result for COPY")
+    elif result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.COPY_OUT):
+        error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    while _next_result(pgconn) is not None:
+        pass
+    if error is not None:
+        raise error
 
 
 def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
@@ -417,33 +488,29 @@ def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
     run: list[Event] = []
     xid_text: bytes | None = None
     part = 0
-    with conn.cursor() as cur, cur.copy(copy_sql, params) as copy:
-        rest = b""
-        for chunk in copy:
-            lines = (rest + bytes(chunk)).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                f = line.split(b"\t")
-                if f[7] != xid_text:
-                    if run or part:
-                        yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, True)
-                    run, xid_text, part = [], f[7], 0
-                elif len(run) >= batch:
-                    yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, not has_xid)
-                    run, part = [], (part + 1 if has_xid else 0)
-                ts = f[6]
-                if ts != last_ts:
-                    last_ts, last_dt = ts, (None if ts == null else fromiso(ts.decode()))
-                e = new(
-                    int(f[0]),
-                    _unescape(f[1]).decode(),
-                    None if f[2] == null else int(f[2]),
-                    None if f[3] == null else _unescape(f[3]).decode(),
-                    None if f[4] == null else flat(_unescape(f[4]).decode()),
-                    None if f[5] == null else flat(_unescape(f[5]).decode()),
-                    last_dt,
-                )
-                run.append(e)
+    for rows in _copy_out(conn, copy_sql, params):
+        for row in rows:
+            f = row.split(b"\t")
+            if f[7] != xid_text:
+                if run or part:
+                    yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, True)
+                run, xid_text, part = [], f[7], 0
+            elif len(run) >= batch:
+                yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, not has_xid)
+                run, part = [], (part + 1 if has_xid else 0)
+            ts = f[6]
+            if ts != last_ts:
+                last_ts, last_dt = ts, (None if ts == null else fromiso(ts.decode()))
+            e = new(
+                int(f[0]),
+                _unescape(f[1]).decode(),
+                None if f[2] == null else int(f[2]),
+                None if f[3] == null else _unescape(f[3]).decode(),
+                None if f[4] == null else flat(_unescape(f[4]).decode()),
+                None if f[5] == null else flat(_unescape(f[5]).decode()),
+                last_dt,
+            )
+            run.append(e)
     if run or part:
         yield Transaction(_xid(xid_text), None, None, None, run, "poll", part, True)
 
@@ -453,34 +520,45 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
     """The replay fast path for sinks that take JSON lines: no Event and no dict per row.
 
     Each line is byte for byte what `sinks.StreamSink.write` prints for the event (a test holds
-    both paths to that). The server writes the record's head (`{"seq":...,"data":`, strings
-    quoted by to_json, whose escapes are orjson's); the payloads are PostgreSQL's text, spliced
-    in as it is, as on the object path; the tail (created_at as datetime.isoformat, xid) is
-    built once a transaction, since its rows share both.
-
-    CSV with \x01 as delimiter and \x02 as quote: neither can occur in JSON text or in a
-    timestamp, so no value is ever quoted or escaped and a row splits with one call. libpq
-    returns whole rows, one a message. Measured on 1M rows (2 cores): formatting everything
-    server-side (to_char, ||) cost the server ~4 µs a row, 2x a plain COPY, and made the server
-    the bottleneck; the Python loop here is ~2 µs a row. Returns (events, transactions).
+    both paths to that). The server sends plain text COPY of the columns, as cheap for it as
+    `COPY (SELECT * ...)`; the record is built here: the payloads are PostgreSQL's text spliced
+    in as it is (COPY's escapes undone where there is a backslash), stream ids and types are
+    JSON-quoted by orjson once per distinct value (they repeat), and the tail (created_at as
+    datetime.isoformat, xid) once a transaction, since its rows share both. Measured on 300k
+    rows (2 cores): formatting the head server-side (to_json, ||) held the server to 0.6x of a
+    plain COPY, and the server was the bottleneck. Returns (events, transactions).
     """
     seq_col = sql.Identifier(table.seq)
 
-    def column(name: str | None, form: str) -> sql.Composable:
+    def column(name: str | None, form: str = "{}") -> sql.Composable:
         return sql.SQL(form).format(sql.Identifier(name)) if name else sql.SQL("NULL")
 
-    head = sql.SQL(
-        """'{{"seq":' || {} || ',"stream_id":' || to_json({}::text)::text || ',"version":' || """
-        """coalesce({}::text, 'null') || ',"type":' || coalesce(to_json({}::text)::text, 'null') || ',"data":'"""
-    ).format(seq_col, sql.Identifier(table.stream_id), column(table.version, "{}"), column(table.type, "{}"))
     query = sql.SQL(
-        "COPY (SELECT {head}, {data}, {metadata}, {created_at}, {xid} FROM {table} "
-        "WHERE {s} > %(after)s AND {s} <= %(upto)s ORDER BY {s}) "
-        "TO STDOUT (FORMAT csv, DELIMITER E'\\x01', QUOTE E'\\x02')"
-    ).format(head=head, data=column(table.data, "{}::text"), metadata=column(table.metadata, "{}::text"),
-             created_at=column(table.created_at, "{}::text"), xid=column(table.xid, "{}::text"),
+        "COPY (SELECT {s}, {sid}, {version}, {type}, {data}, {metadata}, {created_at}, {xid} FROM {table} "
+        "WHERE {s} > %(after)s AND {s} <= %(upto)s ORDER BY {s}) TO STDOUT"
+    ).format(sid=column(table.stream_id), version=column(table.version), type=column(table.type),
+             data=column(table.data), metadata=column(table.metadata),  # text COPY: jsonb's own text
+             created_at=column(table.created_at), xid=column(table.xid),
              table=table.ident(), s=seq_col)
-    fromiso = datetime.fromisoformat
+    fromiso, dumps, unescape = datetime.fromisoformat, orjson.dumps, _unescape
+    null, backslash = b"\\N", b"\\"
+    special = _JSON_SPECIAL
+
+    def quote(field: bytes) -> bytes:
+        """A text field as the JSON string orjson writes for it: as it is between quotes unless
+        it holds what JSON escapes (orjson escapes only quotes, backslashes and controls)."""
+        if special(field) is None:
+            return b'"%b"' % field
+        return b"null" if field == null else dumps(unescape(field).decode())
+
+    types: dict[bytes, bytes] = {}  # few distinct: quoted once each
+
+    def payload(field: bytes) -> bytes:
+        if field == null:
+            return b"null"
+        field = unescape(field)  # a json column's raw line breaks come back here: make them spaces
+        return field.replace(b"\r", b" ").replace(b"\n", b" ") if b"\n" in field or b"\r" in field else field
+
     last_ts = last_xid = None
     tail = b""
     events = transactions = 0
@@ -490,41 +568,45 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
     try:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET LOCAL DateStyle = ISO")
-            with cur.copy(query, {"after": after, "upto": upto}) as copy:
-                for row in copy:
-                    # An empty CSV field is NULL: no JSON text and no timestamp is empty.
-                    head_json, data, metadata, ts, xid = bytes(row).split(b"\x01")
+            for rows in _copy_out(conn, query, {"after": after, "upto": upto}):
+                for row in rows:
+                    seq, sid, version, etype, data, metadata, ts, xid = row.split(b"\t")
+                    t = types.get(etype)
+                    if t is None:
+                        t = quote(etype)
+                        if len(types) < 10_000:
+                            types[etype] = t
                     if xid != last_xid or ts != last_ts:
                         if xid != last_xid:
                             transactions += 1
                         last_xid, last_ts = xid, ts
                         tail = b',"created_at":%b,"xid":%b,"commit_lsn":null,"source":"poll"}\n' % (
-                            b'"%b"' % fromiso(ts.decode()).isoformat().encode() if ts else b"null",
-                            b"%d" % _xid32(int(xid)) if xid != b"\n" else b"null")
-                    # A field is quoted (\x02) only if it holds a line break: a json column's
-                    # whitespace, made spaces as on the object path (jsontext.one_line).
-                    if data[:1] == b"\x02":
-                        data = _flat_field(data)
-                    if metadata[:1] == b"\x02":
-                        metadata = _flat_field(metadata)
-                    out.append(head_json + (data or b"null") + b',"metadata":' + (metadata or b"null") + tail)
-                    if len(out) >= 1000:
-                        write_lines(b"".join(out))
-                        events += len(out)
-                        bar.update(events, int(out[-1][7:out[-1].index(b",")]))
-                        out = []
-                if out:
+                            b'"%b"' % fromiso(ts.decode()).isoformat().encode() if ts != null else b"null",
+                            b"%d" % _xid32(int(xid)) if xid != null else b"null")
+                    if backslash in data:
+                        data = payload(data)
+                    elif data == null:
+                        data = b"null"
+                    if backslash in metadata:
+                        metadata = payload(metadata)
+                    elif metadata == null:
+                        metadata = b"null"
+                    out.append(b'{"seq":%b,"stream_id":%b,"version":%b,"type":%b,"data":%b,"metadata":%b%b' % (
+                        seq, b'"%b"' % sid if special(sid) is None else quote(sid),
+                        b"null" if version == null else version, t, data, metadata, tail))
+                if len(out) >= 1000:
                     write_lines(b"".join(out))
                     events += len(out)
+                    bar.update(events, int(out[-1][7:out[-1].index(b",")]))
+                    out = []
+            if out:
+                write_lines(b"".join(out))
+                events += len(out)
     finally:
         conn.autocommit = autocommit
     if table.xid is None:
         transactions = -(-events // batch)  # the object path's parts, each final without an xid
     return events, transactions
-
-
-def _flat_field(field: bytes) -> bytes:
-    return field[1:-1].replace(b"\r", b" ").replace(b"\n", b" ")
 
 
 def _xid32(xid: int) -> int:
