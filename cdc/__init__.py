@@ -10,6 +10,14 @@ The stream path reads a wal2json logical replication slot; the poll path is a ga
 poller; a reconciler checks one against the other.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("cdc")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.1.0"
+
 from .checkpoint import Checkpoints, Position, Projection
 from .consumer import AsyncConsumer, Consumer, tune_gc
 from .embedded import embedded_cluster
@@ -31,6 +39,7 @@ from .store import DEFAULT_TABLE, EventTable, NewEvent, append, setup
 from .workers import ParallelDispatcher
 
 __all__ = [
+    "__version__",
     "AsyncConsumer",
     "CdcError",
     "Checkpoints",

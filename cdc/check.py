@@ -66,21 +66,23 @@ def format_results(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def main_check(dsn: str, slot: str = "cdc", table: EventTable = DEFAULT_TABLE) -> int:
+def main_check(dsn: str, slot: str = "cdc", table: EventTable = DEFAULT_TABLE,
+               features: tuple[str, ...] = ("run",)) -> int:
     """Run the checks, print them to stdout; 0 when all pass, 1 otherwise."""
-    results = run_checks(dsn, slot=slot, table=table)
+    results = run_checks(dsn, slot=slot, table=table, features=features)
     print(format_results(results), flush=True)
     return 0 if all(r.ok for r in results) else 1
 
 
-def run_checks(dsn: str, *, slot: str = "cdc", table: EventTable = DEFAULT_TABLE) -> list[CheckResult]:
+def run_checks(dsn: str, *, slot: str = "cdc", table: EventTable = DEFAULT_TABLE,
+               features: tuple[str, ...] = ("run",)) -> list[CheckResult]:
     """Every check, in the order a user would fix them. Stops after `server` if it fails."""
     try:
         conn = connect(dsn, autocommit=True)
     except CdcError as err:
         return [_fail("server", str(err), "check --dsn / CDC_DSN and that the server runs and accepts the login")]
     with conn:
-        ctx = _Context(conn, slot, table)
+        ctx = _Context(conn, slot, table, features)
         results = [ctx.server()]
         for name, check in ctx.checks():
             try:
@@ -97,8 +99,9 @@ def run_checks(dsn: str, *, slot: str = "cdc", table: EventTable = DEFAULT_TABLE
 class _Context:
     """The checks over one connection, sharing what they learn (version, superuser, ...)."""
 
-    def __init__(self, conn: psycopg.Connection, slot: str, table: EventTable):
+    def __init__(self, conn: psycopg.Connection, slot: str, table: EventTable, features: tuple[str, ...] = ("run",)):
         self.conn = conn
+        self.features = features
         self.slot = slot
         self.table = table
         self.major = 0
@@ -117,7 +120,7 @@ class _Context:
                 ("replication_privilege", self.replication_privilege), ("wal2json", self.wal2json),
                 ("slot", self.slot_state), ("events_table", self.events_table),
                 ("select_privilege", self.select_privilege), ("events_seq", self.events_seq),
-                ("bookkeeping", self.bookkeeping)]
+                ("bookkeeping", self.bookkeeping), ("grants", self.grants)]
 
     def server(self) -> CheckResult:
         row = self._one(
@@ -316,7 +319,8 @@ class _Context:
     def bookkeeping(self) -> CheckResult:
         # Where consumers keep their positions. For cdc.events, events_table already says
         # `cdc setup`; a mapped table exists without it.
-        row = self._one("SELECT to_regclass('cdc.checkpoints') IS NOT NULL")
+        row = self._one("SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE n.nspname = 'cdc' AND c.relname = 'checkpoints')")
         if row and row[0]:
             return _ok("bookkeeping", "cdc.checkpoints exists")
         if self.table == DEFAULT_TABLE and self.table_oid is None:
@@ -324,6 +328,21 @@ class _Context:
         mapped = "" if self.table == DEFAULT_TABLE else f"; {self.table.qualified} is left as it is"
         return _fail("bookkeeping", "cdc.checkpoints does not exist (consumers keep their positions there)",
                      f"cdc setup (creates the cdc schema{mapped})")
+
+
+    def grants(self) -> CheckResult:
+        """Every grant the features need (see grants.py), so that passing here means `cdc run`
+        with the same settings does not fail on a privilege."""
+        from .grants import missing
+
+        what = ", ".join(self.features)
+        if self.superuser:
+            return _ok("grants", f"{self.user} is superuser: every grant for {what}")
+        lacking = missing(self.conn, self.user, self.features, self.table)
+        if not lacking:
+            return _ok("grants", f"{self.user} has every grant for {what}")
+        return _fail("grants", f"{self.user} lacks {len(lacking)} grant{'s' if len(lacking) > 1 else ''} for {what}",
+                     "as the owner run " + " ".join(lacking) + f" (or `cdc setup --grant {self.user}`)")
 
 
 # Types each field may have. The stream and the poller both read these as text or numbers.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import __version__
 from .connection import mask
 from .errors import CdcError, ConfigError
 
@@ -94,10 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="A complete, commit-ordered feed of appended events from PostgreSQL.",
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"cdc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("setup", help="create the cdc schema and tables (idempotent)", formatter_class=_Formatter)
     _common(p)
+    p.add_argument("--grant", metavar="ROLE", action="append", default=None,
+                   help="also grant ROLE exactly what cdc needs (every feature; see 'Grants' in README); repeatable")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="with --grant: print the GRANT statements (for a DBA to review) instead of running anything")
 
     p = sub.add_parser(
         "run", help="deliver events continuously (the sidecar)", formatter_class=_Formatter,
@@ -181,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _table_opts(p)
     p.add_argument("--slot", default="cdc", help="slot to inspect (default cdc)")
+    p.add_argument("--feature", action="append", choices=["record-deliveries", "reconcile", "dead-letters"],
+                   default=None, help="also verify the grants this feature needs (run's are always checked); repeatable")
 
     p = sub.add_parser("demo", help="the whole thing on a throwaway cluster: writers, rollbacks, delivery in commit order",
                        formatter_class=_Formatter)
@@ -192,19 +200,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every failure ends here as one line on stderr (a JSON object under --log-format json):
+    exit 2 for usage and configuration, 1 for the rest. No traceback reaches a user; an error
+    cdc did not foresee says so and how to see its traceback (--log-level debug)."""
     args = build_parser().parse_args(argv)
     if args.command in ("run", "replay", "demo"):
         from .consumer import tune_gc
 
         tune_gc()
+    json_errors = args.log_format == "json"
     setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile") else "info"))
     try:
         return int(_dispatch(args) or 0)
     except CdcError as err:
-        print(f"cdc: error: {mask(str(err))}", file=sys.stderr)
-        return err.exit_code
+        return _fail(str(err), err.exit_code, json_errors)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (`cdc replay ... | head`): what it read was whole lines;
+        # nothing unread was acknowledged. Quiet, as other tools are.
+        _silence_stdout()
+        return 0 if args.command == "replay" else _fail(
+            "stdout was closed by its reader: stopped; nothing after the last record it read was acknowledged",
+            1, json_errors)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        import psycopg
+
+        from .errors import explain_database_error
+
+        if isinstance(err, psycopg.Error):
+            return _fail(explain_database_error(err), 1, json_errors)
+        log.debug("unexpected error", exc_info=True)
+        return _fail(f"internal error ({type(err).__name__}: {_first_line(err)}); this is a bug in cdc, please "
+                     "report it with the output of the same command and --log-level debug", 1, json_errors)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    text = mask(message.strip().replace("\n", " "))
+    if as_json:
+        line = orjson.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "error",
+                             "logger": "cdc", "message": text, "exit_code": code}).decode()
+    else:
+        line = f"cdc: error: {text}"
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
+    return code
+
+
+def _silence_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -212,11 +270,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "setup":
         from . import store
         from .connection import connect, describe, resolve_dsn
+        from .grants import grant_sql
 
+        if args.print_only:
+            if not args.grant:
+                raise ConfigError("--print prints the GRANTs of --grant ROLE: name the role")
+            for role in args.grant:
+                print(f"-- what cdc needs, for {role}; the stream also needs the REPLICATION attribute "
+                      f"(ALTER ROLE {role} REPLICATION, or a managed service's own: GRANT rds_replication TO {role})")
+                print("\n".join(grant_sql(role)))
+            return 0
         dsn = resolve_dsn(args.dsn)
         with connect(dsn, autocommit=True) as conn:
             store.setup(conn)
-        print(f"cdc setup: schema cdc ready on {describe(dsn)}", file=sys.stderr)
+            with conn.transaction():
+                for role in args.grant or ():
+                    for statement in grant_sql(role):
+                        conn.execute(statement)
+        print(f"cdc setup: schema cdc ready on {describe(dsn)}"
+              + (f"; granted {', '.join(args.grant)} what cdc needs" if args.grant else ""), file=sys.stderr)
         return 0
     if cmd == "run":
         from . import config
@@ -234,7 +306,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .check import main_check
         from .connection import resolve_dsn
 
-        return main_check(resolve_dsn(args.dsn), args.slot, _table(args))
+        return main_check(resolve_dsn(args.dsn), args.slot, _table(args), ("run", *(args.feature or ())))
     if cmd == "demo":
         from .demo import demo
 
@@ -259,6 +331,11 @@ def _replay(args: argparse.Namespace) -> int:
 
     if args.sink.startswith(("webhook:", "python:")):
         raise ConfigError("replay writes to stdout, null or jsonl:PATH")
+    if args.from_seq < 1:
+        raise ConfigError(f"--from-seq {args.from_seq}: seqs start at 1 (use --from-seq 1 for everything)")
+    if args.to_seq is not None and args.to_seq < args.from_seq:
+        raise ConfigError(f"--from-seq {args.from_seq} is above --to-seq {args.to_seq}: nothing to replay; "
+                          "swap them")
     dsn = resolve_dsn(args.dsn)
     table = _table(args)
     sink = open_sink(args.sink)
@@ -278,7 +355,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     code, out = run_cli(resolve_dsn(args.dsn), args.consumer, args.json, since=args.since,
                         stale_threshold=args.stale_threshold, table=_table(args))
-    sys.stdout.write(out)
+    (sys.stderr if code == 2 and not args.json else sys.stdout).write(out)
     return code
 
 

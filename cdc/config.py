@@ -1,11 +1,14 @@
 """One validated settings object for `cdc run`: flags > environment (CDC_*) > TOML file.
 
 Every field is also an environment variable (CDC_ + the name in upper case, e.g. CDC_SINK)
-and a key of the file given with --config (top level or under [cdc]).
+and a key of the file given with --config (top level or under [cdc]: one namespace; a key that is
+not a setting is refused with the nearest one named). Booleans in the environment are strict:
+true/false, 1/0, yes/no, on/off; anything else is refused, never read as false.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from typing import Any, Literal
@@ -81,36 +84,77 @@ class Settings(BaseModel):
 ENV_PREFIX = "CDC_"
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce_env(name: str, value: str) -> Any:
     field = Settings.model_fields[name]
     if field.annotation is bool:
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={value!r} is not a boolean: use true or false (or 1/0, yes/no, on/off)")
     return value
+
+
+def _nearest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else " (see `cdc run --help`: keys are the long flags, with _ for -)"
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """The TOML file's settings: top-level keys and a `[cdc]` table are one namespace (a key in
+    both is refused, as is any key that is not a setting, with the nearest one named)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path!r}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {err}") from None
+    section = data.pop("cdc", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path!r}: cdc must be a table ([cdc]), not a {type(section).__name__}")
+    out: dict[str, Any] = {}
+    for where, items in (("top level", data), ("[cdc]", section)):
+        for key, value in items.items():
+            name = key.replace("-", "_")
+            if isinstance(value, dict):
+                raise ConfigError(f"config file {path!r}: [{key}] is not a settings table; put settings at the top "
+                                  "level or under [cdc]")
+            if name not in Settings.model_fields:
+                raise ConfigError(f"config file {path!r}: unknown setting {key!r} at {where}{_nearest(name)}")
+            if name in out:
+                raise ConfigError(f"config file {path!r}: {key!r} is set both at the top level and under [cdc]")
+            out[name] = value
+    return out
 
 
 def load(flags: dict[str, Any], config_file: str | None = None) -> Settings:
     """Merge the three sources and validate; ConfigError names the bad setting."""
     merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
     if config_file:
-        try:
-            with open(config_file, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {config_file!r}: {err.strerror}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {config_file!r} is not valid TOML: {err}") from None
-        data = data.get("cdc", data)
-        merged.update({k.replace("-", "_"): v for k, v in data.items()})
+        for name, value in _read_file(config_file).items():
+            merged[name], source[name] = value, f"in {config_file}"
     for name in Settings.model_fields:
         value = os.environ.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":
-            merged[name] = _coerce_env(name, value)
-    merged.update({k: v for k, v in flags.items() if v is not None})
+            merged[name], source[name] = _coerce_env(name, value), f"from {ENV_PREFIX}{name.upper()}"
+    for name, value in flags.items():
+        if value is not None:
+            merged[name], source[name] = value, f"from --{name.replace('_', '-')}"
     try:
         return Settings(**merged)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {where}{_nearest(where)}") from None
         value = first.get("input")
         shown = "***" if "secret" in where or where == "dsn" else repr(value)
-        raise ConfigError(f"invalid setting {where}={shown}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        origin = f" ({source[where]})" if where in source else ""
+        raise ConfigError(f"invalid setting {where}={shown}{origin}: {message}") from None

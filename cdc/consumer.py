@@ -34,6 +34,7 @@ from .checkpoint import Checkpoints, Position
 from .connection import describe, mask, open_pool, resolve_dsn
 from .decoding import DEFAULT_CHUNK_EVENTS, PLUGIN_OPTIONS, Decoder
 from .errors import (
+    CdcError,
     ConfigError,
     ConnectError,
     ConnectionLostError,
@@ -393,6 +394,13 @@ class Consumer:
             # drops it and starts the hand-off again.
             raise ConnectionLostError(f"the new slot's snapshot is gone before the replay could use it "
                                       f"({mask(str(err).splitlines()[0])})") from None
+        except Exception as err:
+            # A failure the hand-off will not retry (a missing grant, an altered table): drop the
+            # slot made for it, or it would hold WAL for nobody. Lost connections are retried,
+            # and the retry drops and re-creates it anyway.
+            if not isinstance(err, (ConnectionLostError, ConnectError, psycopg.OperationalError)):
+                self._drop_new_slot(rs)
+            raise
         self._ack_pending()
         self._acked_lsn = created.consistent_point
         self._dirty = True
@@ -400,6 +408,14 @@ class Consumer:
         log.info("hand-off: %d events replayed from the snapshot; streaming from %s", count,
                  created.consistent_point)
         return created.consistent_point
+
+    def _drop_new_slot(self, rs: ReplicationStream) -> None:
+        try:
+            rs.drop_slot()
+            log.info("dropped slot %s, created for a hand-off that failed", self.slot)
+        except (psycopg.Error, CdcError) as err:
+            log.warning("could not drop slot %s after the failed hand-off (%s): drop it by hand: "
+                        "SELECT pg_drop_replication_slot('%s')", self.slot, mask(str(err).strip()), self.slot)
 
     def _stream_loop(self, rs: ReplicationStream) -> Iterator[Transaction]:
         decoder = Decoder(self.table, chunk_events=self.chunk_events, event_class=self.event_class)

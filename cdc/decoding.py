@@ -177,7 +177,7 @@ class Decoder:
 
     __slots__ = ("table", "chunk_events", "_xid", "_commit_lsn", "_end_lsn", "_time", "_events",
                  "_part", "_in_tx", "_known", "_name", "_schema", "_strict", "_build",
-                 "_nextlsn", "_layout", "_new")
+                 "_nextlsn", "_layout", "_new", "_required")
 
     def __init__(self, table: EventTable = DEFAULT_TABLE, *, chunk_events: int = DEFAULT_CHUNK_EVENTS,
                  event_class: type[Event] = Event):
@@ -195,6 +195,7 @@ class Decoder:
         cols = (table.seq, table.stream_id, table.version, table.type, table.data,
                 table.metadata, table.created_at, table.xid)
         self._known = frozenset(c for c in cols if c)
+        self._required = self._known  # every mapped column: one dropped or renamed stops the feed
         self._name, self._schema, self._strict = table.name, table.schema, table.strict
         self._build = _event_builder(table, event_class)
         # (column count, last column's name, builder by position) of the row layout last seen.
@@ -247,7 +248,7 @@ class Decoder:
                                 events.append(build_row(cols))
                             else:
                                 values = {c.name: c.value for c in cols}
-                                if strict and not known.issuperset(values):
+                                if strict and not known.issuperset(values) or not known.issubset(values):
                                     raise self._altered(values, _start(m))
                                 events.append(build(values))
                                 self._learn([c.name for c in cols])
@@ -316,7 +317,7 @@ class Decoder:
                 values = {c["name"]: c["value"] for c in msg["columns"]}
             except (KeyError, TypeError):
                 raise self._error("insert without its columns", payload, lsn) from None
-            if self._strict and not self._known.issuperset(values):
+            if self._strict and not self._known.issuperset(values) or not self._required.issubset(values):
                 raise self._altered(values, lsn)
             try:
                 event = self._build(values)
@@ -387,6 +388,12 @@ class Decoder:
         self._layout = (len(names), names[-1], row) if row is not None and names else (-1, None, _no_row)
 
     def _altered(self, values: dict[str, Any], lsn: int) -> UnsupportedChangeError:
+        missing = sorted(self._required - set(values))
+        if missing:
+            return UnsupportedChangeError(
+                f"{self.table.qualified} has no column {', '.join(missing)} at {Lsn(lsn)}: the table was altered "
+                "(a column dropped or renamed); undo the change or map the table (--preset, --*-column)"
+            )
         extra = sorted(set(values) - self._known)
         return UnsupportedChangeError(
             f"{self.table.qualified} has columns cdc does not know ({', '.join(extra)}) at {Lsn(lsn)}: "

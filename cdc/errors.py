@@ -109,3 +109,29 @@ class SinkError(CdcError):
 
 class ConnectionLostError(ConnectError):
     """The stream broke (server restart, walsender terminated, network): retried with backoff."""
+
+
+def explain_database_error(err: Exception) -> str:
+    """One line for a server error that reached the top: what is wrong and how to fix it.
+
+    The cases a new user meets first (the schema not set up, a missing grant, an altered
+    table) get their fix named; any other keeps PostgreSQL's own first line and SQLSTATE."""
+    import psycopg  # errors.py stays importable without a driver for the rest of the hierarchy
+
+    diag = getattr(err, "diag", None)
+    primary = ((diag.message_primary if diag else None) or str(err).strip().splitlines()[0] or type(err).__name__)
+    if isinstance(err, psycopg.errors.InsufficientPrivilege):
+        return (f"{primary}: the role lacks a grant cdc needs; see 'Grants' in README.md for the GRANTs each "
+                "feature needs, and `cdc check` for the ones missing")
+    if isinstance(err, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)) and (
+            "cdc" in primary or "delivery" in primary or "checkpoints" in primary or "dead_letters" in primary):
+        return f"{primary}: the cdc schema is not set up in this database; run `cdc setup` (as a role that may create it)"
+    if isinstance(err, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)):
+        return f"{primary}: check --table / --preset, and that the DSN names the right database"
+    if isinstance(err, psycopg.errors.UndefinedColumn):
+        return (f"{primary}: the table was altered (a column dropped or renamed) or the mapping names a column it "
+                "does not have; undo the change or fix --*-column (`cdc check` lists the columns)")
+    if isinstance(err, psycopg.OperationalError):
+        return f"the database connection failed: {primary}"
+    code = getattr(err, "sqlstate", None)
+    return f"the database refused: {primary}" + (f" (SQLSTATE {code})" if code else "")

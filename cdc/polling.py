@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool
 
 from . import metrics
 from .checkpoint import Position
+from .errors import UnsupportedChangeError
 from .events import Event, Transaction
 from .holes import (
     HoleTracker,
@@ -157,6 +158,12 @@ class Poller:
 
     def _cycle(self) -> tuple[list[Transaction], bool]:
         """One page: (transactions ready, whether to read again at once)."""
+        try:
+            return self._read_page()
+        except psycopg.errors.UndefinedColumn as err:
+            raise _drifted(self.table, err) from None
+
+    def _read_page(self) -> tuple[list[Transaction], bool]:
         tracker = self.tracker
         with self.pool.connection() as conn:
             if self._seq_oid is None:
@@ -338,11 +345,22 @@ def replay(
     poller started at the returned bound misses nothing. One snapshot; text COPY parsed here
     (see `_copy_text`); tables with bytea/text payloads go through a server-side cursor.
     """
-    if isinstance(source, str):
-        with psycopg.connect(source, autocommit=True) as conn:
+    try:
+        if isinstance(source, str):
+            with psycopg.connect(source, autocommit=True) as conn:
+                return _replay(conn, table, from_seq, to_seq, sink, progress, batch, event_class)
+        with source.connection() as conn:
             return _replay(conn, table, from_seq, to_seq, sink, progress, batch, event_class)
-    with source.connection() as conn:
-        return _replay(conn, table, from_seq, to_seq, sink, progress, batch, event_class)
+    except psycopg.errors.UndefinedColumn as err:
+        raise _drifted(table, err) from None
+
+
+def _drifted(table: EventTable, err: psycopg.Error) -> UnsupportedChangeError:
+    """A mapped column the table no longer has: the same stop as the stream's, one line."""
+    detail = (err.diag.message_primary or str(err)).strip()
+    return UnsupportedChangeError(
+        f"{table.qualified}: {detail}: the table was altered (a column dropped or renamed); undo the change "
+        "or map the table (--preset, --*-column)")
 
 
 def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: int | None,
@@ -675,5 +693,8 @@ def read_snapshot(
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with conn.transaction():
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            yield from _rows_to_transactions(conn, table, query, {"after": after.seq},
-                                             frozenset(after.seqs_above), batch, event_class)
+            try:
+                yield from _rows_to_transactions(conn, table, query, {"after": after.seq},
+                                                 frozenset(after.seqs_above), batch, event_class)
+            except psycopg.errors.UndefinedColumn as err:
+                raise _drifted(table, err) from None

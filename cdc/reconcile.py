@@ -755,7 +755,8 @@ def run_cli(
     stale_threshold: float = DEFAULT_STALE_THRESHOLD,
     table: EventTable = DEFAULT_TABLE,
 ) -> tuple[int, str]:
-    """`cdc reconcile`: (exit code, stdout). 0 the paths agree, 1 they do not, 2 an error.
+    """`cdc reconcile`: (exit code, output). 0 the paths agree, 1 they do not, 2 an error (then,
+    without `json`, the output is the one error line, for stderr).
 
     `since`: a datetime, ISO 8601 text, or an age such as ``90s``, ``10m``, ``2h``, ``1d``.
     """
@@ -770,11 +771,15 @@ def run_cli(
                                     table=table)
     except (psycopg.Error, CdcError, OSError, ValueError) as err:
         from .connection import mask
+        from .errors import explain_database_error
 
-        text = mask(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        if isinstance(err, psycopg.Error):
+            text = mask(explain_database_error(err))
+        else:
+            text = mask(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         if json:
             return 2, orjson.dumps({"error": text}).decode() + "\n"
-        return 2, f"cdc reconcile: {text}\n"
+        return 2, f"cdc: error: {text}\n"
     code = 0 if report.agrees else 1
     if json:
         return code, orjson.dumps(report.to_json(), option=orjson.OPT_NON_STR_KEYS).decode() + "\n"
