@@ -86,7 +86,8 @@ def _table_opts(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, default=None, metavar="COLUMN", help=field)
     for flag in ("--data-encoding", "--metadata-encoding"):
         g.add_argument(flag, choices=["jsonb", "bytea", "text"], default=None,
-                       help="jsonb/json (parsed), bytea (JSON bytes: parsed, else hex), text (as is); default jsonb")
+                       help="jsonb/json (its text, as it is), bytea (UTF-8 JSON bytes: that JSON, else a JSON string "
+                            "of their hex), text (JSON: as it is, else a JSON string of it); default jsonb")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,21 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     _table_opts(p)
     p.add_argument("--from-seq", type=int, required=True, help="first seq to replay (inclusive; 1 for everything)")
     p.add_argument("--to-seq", type=int, default=None, help="last seq to replay (inclusive; default: the current proven high-water mark)")
-    p.add_argument("--sink", default="stdout", help="stdout (default), null or jsonl:PATH")
+    p.add_argument("--sink", default=None, help="stdout (default), null or jsonl:PATH")
+    p.add_argument("--config", help="TOML file with settings, as for `cdc run` (the table mapping, sink, dsn)")
 
     p = sub.add_parser("reconcile", help="check what a consumer was delivered against the table", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
-    p.add_argument("--consumer", default="default", help="consumer whose delivery record to check (default 'default')")
+    p.add_argument("--consumer", default=None, help="consumer whose delivery record to check (default 'default')")
+    p.add_argument("--config", help="TOML file with settings, as for `cdc run` (consumer, table mapping, dsn)")
     p.add_argument("--since", default=None, help="only deliveries at or after this time (ISO 8601, or e.g. 10m, 2h, 1d ago)")
-    p.add_argument("--stale-threshold", type=float, default=3.0,
+    p.add_argument("--stale-threshold", type=float, default=None,
                    help="flag inversions a Marten-style poller with this threshold (seconds, default 3) would have skipped")
     p.add_argument("--json", action="store_true", help="print one JSON document (findings name seq, stream_id, version, xid, LSNs)")
 
     p = sub.add_parser("check", help="preflight: is this server ready for cdc? one line per check", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
-    p.add_argument("--slot", default="cdc", help="slot to inspect (default cdc)")
+    p.add_argument("--slot", default=None, help="slot to inspect (default cdc)")
+    p.add_argument("--config", help="TOML file with settings, as for `cdc run` (slot, table mapping, dsn)")
     p.add_argument("--feature", action="append", choices=["record-deliveries", "reconcile", "dead-letters"],
                    default=None, help="also verify the grants this feature needs (run's are always checked); repeatable")
 
@@ -306,7 +310,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .check import main_check
         from .connection import resolve_dsn
 
-        return main_check(resolve_dsn(args.dsn), args.slot, _table(args), ("run", *(args.feature or ())))
+        settings = _settings(args, "slot")
+        return main_check(resolve_dsn(settings.dsn), settings.slot, _table(args, settings),
+                          ("run", *(args.feature or ())))
     if cmd == "demo":
         from .demo import demo
 
@@ -314,14 +320,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ConfigError(f"unknown command {cmd}")
 
 
-def _table(args: argparse.Namespace) -> EventTable:
-    """The EventTable of `_table_opts`' flags (for the commands that take no --config)."""
-    from .config import Settings
+_TABLE_FLAGS = ("preset", "table", "data_encoding", "metadata_encoding")
+
+
+def _settings(args: argparse.Namespace, *names: str) -> Any:
+    """The settings a command takes, merged as `cdc run` merges them: its flags, then CDC_*,
+    then --config. One model for every command: CDC_CONSUMER reaches reconcile, CDC_SLOT
+    check, CDC_SINK replay, and the file's table mapping all three."""
+    from . import config
     from .presets import COLUMN_FIELDS
+
+    flags = {k: getattr(args, k, None) for k in ("dsn", *names, *_TABLE_FLAGS, *COLUMN_FIELDS)}
+    return config.load(flags, getattr(args, "config", None))
+
+
+def _table(args: argparse.Namespace, settings: Any | None = None) -> EventTable:
+    """The EventTable of the merged settings (`_table_opts`' flags over CDC_* and the file)."""
     from .runner import table_for
 
-    names = ("preset", "table", "data_encoding", "metadata_encoding", *COLUMN_FIELDS)
-    return table_for(Settings(**{k: getattr(args, k) for k in names}))
+    return table_for(settings if settings is not None else _settings(args))
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -329,16 +346,17 @@ def _replay(args: argparse.Namespace) -> int:
     from .polling import replay
     from .sinks import open_sink
 
-    if args.sink.startswith(("webhook:", "python:")):
+    settings = _settings(args, "sink")
+    if settings.sink.startswith(("webhook:", "python:")):
         raise ConfigError("replay writes to stdout, null or jsonl:PATH")
     if args.from_seq < 1:
         raise ConfigError(f"--from-seq {args.from_seq}: seqs start at 1 (use --from-seq 1 for everything)")
     if args.to_seq is not None and args.to_seq < args.from_seq:
         raise ConfigError(f"--from-seq {args.from_seq} is above --to-seq {args.to_seq}: nothing to replay; "
                           "swap them")
-    dsn = resolve_dsn(args.dsn)
-    table = _table(args)
-    sink = open_sink(args.sink)
+    dsn = resolve_dsn(settings.dsn)
+    table = _table(args, settings)
+    sink = open_sink(settings.sink)
     pool = open_pool(dsn, name="cdc-replay")
     try:
         replay(pool, table=table, from_seq=args.from_seq - 1, to_seq=args.to_seq, sink=sink,
@@ -353,8 +371,9 @@ def _reconcile(args: argparse.Namespace) -> int:
     from .connection import resolve_dsn
     from .reconcile import run_cli
 
-    code, out = run_cli(resolve_dsn(args.dsn), args.consumer, args.json, since=args.since,
-                        stale_threshold=args.stale_threshold, table=_table(args))
+    settings = _settings(args, "consumer", "stale_threshold")
+    code, out = run_cli(resolve_dsn(settings.dsn), settings.consumer, args.json, since=args.since,
+                        stale_threshold=settings.stale_threshold, table=_table(args, settings))
     (sys.stderr if code == 2 and not args.json else sys.stdout).write(out)
     return code
 

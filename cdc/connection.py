@@ -3,6 +3,7 @@ turned into one line that says what to fix. Secrets never leave this module unma
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 
@@ -47,14 +48,25 @@ def describe(dsn: str) -> str:
     return f"{host}:{port}/{db}"
 
 
+def conninfo_user(dsn: str) -> str:
+    """The role a DSN logs in as (libpq's default: PGUSER, else the OS user)."""
+    try:
+        user = psycopg.conninfo.conninfo_to_dict(dsn).get("user")
+    except psycopg.ProgrammingError:
+        user = None
+    return str(user or os.environ.get("PGUSER") or getpass.getuser())
+
+
 def connect_error(err: Exception, dsn: str) -> Exception:
     """The user-facing error for a failed connection attempt."""
     # libpq's message spans lines ("connection to server ... failed: Connection refused",
     # "\tIs the server running ..."): keep all of it, on one line.
     text = " ".join(part.strip() for part in str(err).strip().splitlines() if part.strip()) or type(err).__name__
     if "replication role" in text or "must be superuser or replication" in text:
+        role = conninfo_user(dsn)
         return ReplicationPrivilegeError(
-            "the role may not stream changes: ALTER ROLE <user> REPLICATION (or use --mode poll)"
+            f"the role {role} may not stream changes: ALTER ROLE {role} REPLICATION as a superuser (managed "
+            "services: their replication role, e.g. GRANT rds_replication), or use --mode poll"
         )
     if isinstance(err, psycopg.ProgrammingError):
         return ConfigError(f"invalid DSN: {mask(text)} (expected e.g. 'host=db user=app dbname=app' or postgresql://...)")

@@ -20,7 +20,8 @@ import re
 import select
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -382,7 +383,8 @@ def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: 
     bar.end()
     seconds = time.monotonic() - started
     rate = events / seconds if seconds > 0 else 0.0
-    sys.stderr.write(f"replayed {events:,} events ({transactions:,} transactions) in {seconds:.2f} s, "
+    sys.stderr.write(f"replayed {events:,} event{'' if events == 1 else 's'} ({transactions:,} "
+                     f"transaction{'' if transactions == 1 else 's'}) in {seconds:.2f} s, "
                      f"{rate:,.0f} events/s\n")
     return ReplaySummary(events, transactions, seconds, rate)
 
@@ -420,7 +422,7 @@ def _unescape(field: bytes) -> bytes:
     return _ESCAPED.sub(lambda m: _UNESCAPE[m.group()], field) if b"\\" in field else field
 
 
-def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str, Any]) -> Iterator[list[bytes]]:
+def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str, Any]) -> Generator[list[bytes], None, None]:
     """The rows of `COPY ... TO STDOUT` (text format: without their newline), in batches of
     what libpq has buffered.
 
@@ -455,11 +457,15 @@ def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str
             else:
                 raise psycopg.OperationalError(pgconn.get_error_message() or "COPY failed")
     except BaseException:
+        # A reader that stops early (a closed pipe, an error in the sink, close()): end the COPY
+        # at once, read up to its end and drain its results, so the connection can roll back.
         if pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
-            cancel = pgconn.cancel_conn()  # a consumer that stops early: end the COPY at once
+            cancel = pgconn.cancel_conn()
             cancel.blocking()
             cancel.finish()
-            while (result := pgconn.get_result()) is not None:
+            while get(0)[0] >= 0:
+                pass
+            while pgconn.get_result() is not None:
                 pass
         raise
     _finish(conn, _next_result(pgconn))
@@ -498,6 +504,12 @@ def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
     """
     conn.execute("SET LOCAL DateStyle = ISO")
     copy_sql = sql.SQL("COPY ({}) TO STDOUT").format(query)
+    with closing(_copy_out(conn, copy_sql, params)) as batches:
+        yield from _copy_events(batches, table, batch, event_class)
+
+
+def _copy_events(batches: Iterator[list[bytes]], table: EventTable, batch: int,
+                 event_class: type[Event]) -> Iterator[Transaction]:
     fromiso, new, flat = datetime.fromisoformat, event_class, one_line
     null = b"\\N"
     has_xid = table.xid is not None
@@ -506,7 +518,7 @@ def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
     run: list[Event] = []
     xid_text: bytes | None = None
     part = 0
-    for rows in _copy_out(conn, copy_sql, params):
+    for rows in batches:
         for row in rows:
             f = row.split(b"\t")
             if f[7] != xid_text:
@@ -586,40 +598,41 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
     try:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET LOCAL DateStyle = ISO")
-            for rows in _copy_out(conn, query, {"after": after, "upto": upto}):
-                for row in rows:
-                    seq, sid, version, etype, data, metadata, ts, xid = row.split(b"\t")
-                    t = types.get(etype)
-                    if t is None:
-                        t = quote(etype)
-                        if len(types) < 10_000:
-                            types[etype] = t
-                    if xid != last_xid or ts != last_ts:
-                        if xid != last_xid:
-                            transactions += 1
-                        last_xid, last_ts = xid, ts
-                        tail = b',"created_at":%b,"xid":%b,"commit_lsn":null,"source":"poll"}\n' % (
-                            b'"%b"' % fromiso(ts.decode()).isoformat().encode() if ts != null else b"null",
-                            b"%d" % _xid32(int(xid)) if xid != null else b"null")
-                    if backslash in data:
-                        data = payload(data)
-                    elif data == null:
-                        data = b"null"
-                    if backslash in metadata:
-                        metadata = payload(metadata)
-                    elif metadata == null:
-                        metadata = b"null"
-                    out.append(b'{"seq":%b,"stream_id":%b,"version":%b,"type":%b,"data":%b,"metadata":%b%b' % (
-                        seq, b'"%b"' % sid if special(sid) is None else quote(sid),
-                        b"null" if version == null else version, t, data, metadata, tail))
-                if len(out) >= 1000:
+            with closing(_copy_out(conn, query, {"after": after, "upto": upto})) as batches:
+                for rows in batches:
+                    for row in rows:
+                        seq, sid, version, etype, data, metadata, ts, xid = row.split(b"\t")
+                        t = types.get(etype)
+                        if t is None:
+                            t = quote(etype)
+                            if len(types) < 10_000:
+                                types[etype] = t
+                        if xid != last_xid or ts != last_ts:
+                            if xid != last_xid:
+                                transactions += 1
+                            last_xid, last_ts = xid, ts
+                            tail = b',"created_at":%b,"xid":%b,"commit_lsn":null,"source":"poll"}\n' % (
+                                b'"%b"' % fromiso(ts.decode()).isoformat().encode() if ts != null else b"null",
+                                b"%d" % _xid32(int(xid)) if xid != null else b"null")
+                        if backslash in data:
+                            data = payload(data)
+                        elif data == null:
+                            data = b"null"
+                        if backslash in metadata:
+                            metadata = payload(metadata)
+                        elif metadata == null:
+                            metadata = b"null"
+                        out.append(b'{"seq":%b,"stream_id":%b,"version":%b,"type":%b,"data":%b,"metadata":%b%b' % (
+                            seq, b'"%b"' % sid if special(sid) is None else quote(sid),
+                            b"null" if version == null else version, t, data, metadata, tail))
+                    if len(out) >= 1000:
+                        write_lines(b"".join(out))
+                        events += len(out)
+                        bar.update(events, int(out[-1][7:out[-1].index(b",")]))
+                        out = []
+                if out:
                     write_lines(b"".join(out))
                     events += len(out)
-                    bar.update(events, int(out[-1][7:out[-1].index(b",")]))
-                    out = []
-            if out:
-                write_lines(b"".join(out))
-                events += len(out)
     finally:
         conn.autocommit = autocommit
     if table.xid is None:

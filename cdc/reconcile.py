@@ -318,9 +318,9 @@ class Report:
         c, w = self.counts, self.window
         lines = [
             f"consumer {self.consumer}: {'AGREE' if self.agrees else 'DISAGREE'} "
-            f"(seqs {w.get('lo_seq')}..{w.get('hi_seq')}, {c.get('expected', 0)} expected, "
-            f"{c.get('delivered', 0)} delivered, checkpoint {w.get('checkpoint_lsn')}, "
-            f"fence {w.get('fence_lsn')}, {self.elapsed_seconds:.2f}s)",
+            f"({_span(w)}, {c.get('expected', 0)} expected, "
+            f"{c.get('delivered', 0)} delivered, checkpoint {w.get('checkpoint_lsn') or 'none'}, "
+            f"fence {w.get('fence_lsn') or 'none'}, {self.elapsed_seconds:.2f}s)",
             f"  missing: {c.get('missing', 0)}  duplicates: {c.get('duplicates', 0)}  "
             f"order violations: {c.get('order_violations', 0)}  inversions: {c.get('inversions', 0)} "
             f"({c.get('inversions_skipped', 0)} a {self.stale_threshold:g}s stale poller would skip)  "
@@ -784,6 +784,11 @@ def run_cli(
     if json:
         return code, orjson.dumps(report.to_json(), option=orjson.OPT_NON_STR_KEYS).decode() + "\n"
     return code, "\n".join(report.summary_lines()) + "\n"
+
+
+def _span(window: dict[str, Any]) -> str:
+    lo, hi = window.get("lo_seq"), window.get("hi_seq")
+    return "no seqs" if lo is None or hi is None else f"seqs {lo}..{hi}"
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

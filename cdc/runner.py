@@ -146,6 +146,10 @@ class Delivery:
                   tx.xid, tx.commit_lsn, len(tx.events), _one_line(err))
 
 
+def counted(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
@@ -384,8 +388,8 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
             sink.close()
             if shadow_pool is not None:
                 shadow_pool.close()
-        log.info("stopped: %d events in %d transactions delivered", consumer.delivered_events,
-                 consumer.delivered_transactions)
+        log.info("stopped: %s in %s delivered", counted(consumer.delivered_events, "event"),
+                 counted(consumer.delivered_transactions, "transaction"))
 
 
 def _slot_free(pool: Any, slot: str) -> bool:

@@ -238,3 +238,41 @@ def test_a_role_with_exactly_the_documented_grants_runs_every_command(dsn: str, 
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_every_command_reads_the_same_settings_flags_then_environment_then_file(dsn: str, conn: psycopg.Connection,
+                                                                                tmp_path: Path) -> None:
+    add_events(conn, 3)
+    proc = cdc("replay", "--dsn", dsn, "--from-seq", "1", env={"CDC_SINK": "null"})
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    out = tmp_path / "o.jsonl"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[cdc]\nsink = "jsonl:{out}"\nconsumer = "named"\nslot = "named"\n')
+    proc = cdc("replay", "--dsn", dsn, "--from-seq", "1", "--config", str(cfg))
+    assert proc.returncode == 0 and len(out.read_text().splitlines()) == 3, proc.stderr
+    run = cdc("run", "--dsn", dsn, "--config", str(cfg), "--sink", "null", "--record-deliveries", "--endpos", wal_now(conn))
+    assert run.returncode == 0, run.stderr
+    for how in ({"env": {"CDC_CONSUMER": "named"}}, {"args": ("--config", str(cfg))}):
+        proc = cdc("reconcile", "--dsn", dsn, *how.get("args", ()), env=how.get("env"))  # type: ignore[arg-type]
+        assert proc.returncode == 0 and "3 delivered" in proc.stdout, (how, proc.stdout, proc.stderr)
+    proc = cdc("check", "--dsn", dsn, env={"CDC_SLOT": "named"})
+    assert "named" in proc.stdout, proc.stdout
+
+
+def test_messages_name_the_role_and_never_print_none(dsn: str, conn: psycopg.Connection) -> None:
+    role = f"norepl_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        assert cdc("setup", "--dsn", dsn, "--grant", role).returncode == 0
+        proc = cdc("run", "--dsn", conninfo.make_conninfo(dsn, user=role), "--mode", "stream", "--sink", "null",
+                   "--endpos", wal_now(conn))
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and f"ALTER ROLE {role} REPLICATION" in last, proc.stderr
+    finally:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+    proc = cdc("reconcile", "--dsn", dsn, "--consumer", "nosuch")
+    assert "None" not in proc.stdout, proc.stdout
+    add_events(conn, 1)
+    proc = cdc("run", "--dsn", dsn, "--sink", "null", "--endpos", wal_now(conn))
+    assert proc.returncode == 0 and "1 event in 1 transaction delivered" in proc.stderr, proc.stderr
