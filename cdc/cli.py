@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .consumer import tune_gc
 
         tune_gc()
-    json_errors = args.log_format == "json"
+    json_errors = (args.log_format or os.environ.get("CDC_LOG_FORMAT", "")).strip().lower() == "json"
     setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile") else "info"))
     try:
         return int(_dispatch(args) or 0)

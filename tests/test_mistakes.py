@@ -276,3 +276,14 @@ def test_messages_name_the_role_and_never_print_none(dsn: str, conn: psycopg.Con
     add_events(conn, 1)
     proc = cdc("run", "--dsn", dsn, "--sink", "null", "--endpos", wal_now(conn))
     assert proc.returncode == 0 and "1 event in 1 transaction delivered" in proc.stderr, proc.stderr
+
+
+def test_a_mistake_is_one_json_object_under_json_logs(empty_dsn: str) -> None:
+    import json
+
+    for args, env in ((["replay", "--dsn", empty_dsn, "--from-seq", "1", "--log-format", "json"], {}),
+                      (["run", "--dsn", empty_dsn, "--endpos", "0/1"], {"CDC_LOG_FORMAT": "json"})):
+        proc = cdc(*args, env=env)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        doc = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert doc["level"] == "error" and "cdc setup" in doc["message"] and doc["exit_code"] == 1, doc
