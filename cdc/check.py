@@ -8,7 +8,6 @@ PostgreSQL 15.19+/16.15+/17.11+/18.6+) is to ask the server to use it.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from psycopg import sql
 
 from .connection import connect, mask
 from .errors import CdcError
+from .grants import missing, quote_ident
 from .store import DEFAULT_TABLE, EventTable
 
 DROP_LOST_SLOT = "drop it: cdc will recreate it and replay from the poller"
@@ -157,7 +157,7 @@ class _Context:
         if self.may_replicate:
             return _ok("replication_privilege", f"{self.user} has REPLICATION")
         return _fail("replication_privilege", f"{self.user} has neither REPLICATION nor superuser",
-                     f"ALTER ROLE {_ident(self.user)} REPLICATION "
+                     f"ALTER ROLE {quote_ident(self.user)} REPLICATION "
                      "(as a superuser), or use --mode poll")
 
     def wal2json(self) -> CheckResult:
@@ -270,7 +270,7 @@ class _Context:
         usage, select = row if row else (False, False)
         if usage and select:
             return _ok("select_privilege", f"{self.user} may read {t.qualified}")
-        user = _ident(self.user)
+        user = quote_ident(self.user)
         grants = ([] if select else [f"GRANT SELECT ON {t.qualified} TO {user}"]) + \
                  ([] if usage else [f"GRANT USAGE ON SCHEMA {t.schema} TO {user}"])
         return _fail("select_privilege", f"{self.user} may not read {t.qualified}", "; ".join(grants))
@@ -333,8 +333,6 @@ class _Context:
     def grants(self) -> CheckResult:
         """Every grant the features need (see grants.py), so that passing here means `cdc run`
         with the same settings does not fail on a privilege."""
-        from .grants import missing
-
         what = ", ".join(self.features)
         if self.superuser:
             return _ok("grants", f"{self.user} is superuser: every grant for {what}")
@@ -361,9 +359,6 @@ _PAYLOAD_TYPES = {
 }
 
 
-def _ident(name: str) -> str:
-    """`name` as SQL, quoted only when it must be (fixes are read, and pasted, by people)."""
-    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
 
 
 def _mapped_columns(t: EventTable) -> list[tuple[str, str]]:

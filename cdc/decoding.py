@@ -87,11 +87,7 @@ def _payload_reader(table: EventTable, column: str | None) -> Callable[[Any], st
     JSON, else the hex as a JSON string); text as JSON if it is, else as a JSON string."""
     encoding = table.payload_encoding.get(column, "jsonb") if column else "text"
     if encoding == "jsonb":
-        def jsonb(value: Any) -> str:
-            if value.__class__ is str:
-                return value if "\n" not in value and "\r" not in value else one_line(value)
-            return orjson.dumps(value).decode()  # not a string: a plugin printing json bare
-        return jsonb
+        return _jsonb_text
     if encoding == "bytea":
         def bytea(value: str) -> str:
             return from_bytes(bytes.fromhex(value[2:] if value.startswith("\\x") else value))
@@ -138,15 +134,15 @@ def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Calla
     if not all(c and c in names for c in columns) or encodings - {"jsonb"}:
         return None
     i_seq, i_sid, i_ver, i_type, i_data, i_meta, i_time = (names.index(c) for c in columns)  # type: ignore[arg-type]
-    timestamp, flat = _timestamp, one_line
+    timestamp, as_text = _timestamp, _jsonb_text
 
     def row(c: list[_Column]) -> Event:
         sid, d, m, t = c[i_sid].value, c[i_data].value, c[i_meta].value, c[i_time].value
         # The payloads' text as it is (a jsonb's has no line breaks; a json column's may).
         if d.__class__ is not str or "\n" in d or "\r" in d:
-            d = _as_text(d, flat)
+            d = as_text(d)
         if m.__class__ is not str or "\n" in m or "\r" in m:
-            m = _as_text(m, flat)
+            m = as_text(m)
         return new(
             c[i_seq].value,
             sid if sid.__class__ is str else str(sid),
@@ -160,10 +156,12 @@ def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Calla
     return row
 
 
-def _as_text(value: Any, flat: Callable[[str], str]) -> str | None:
-    if value is None:
-        return None
-    return flat(value) if value.__class__ is str else orjson.dumps(value).decode()
+def _jsonb_text(value: Any) -> Any:
+    """A jsonb/json value as wal2json sent it → its text: a string as it is (a json column's line
+    breaks made spaces), anything else (a plugin printing json bare) serialised; None stays."""
+    if value is None or value.__class__ is str:
+        return value if value is None else one_line(value)
+    return orjson.dumps(value).decode()
 
 
 class Decoder:

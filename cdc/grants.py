@@ -7,6 +7,7 @@ these grants; the events table itself is only read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import psycopg
@@ -22,11 +23,12 @@ class Grant:
 
     def sql(self, role: str) -> str:
         target = "SCHEMA " + self.name if self.kind == "SCHEMA" else f"{self.kind} {self.name}"
-        return f"GRANT {', '.join(self.privileges)} ON {target} TO {_ident(role)};"
+        return f"GRANT {', '.join(self.privileges)} ON {target} TO {quote_ident(role)};"
 
 
-def _ident(name: str) -> str:
-    return name if name.isidentifier() and name.islower() else '"' + name.replace('"', '""') + '"'
+def quote_ident(name: str) -> str:
+    """`name` as SQL, quoted only when it must be (fixes are read, and pasted, by people)."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
 
 
 _BOOKKEEPING = (Grant(("USAGE",), "SCHEMA", "cdc"),

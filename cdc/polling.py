@@ -60,16 +60,16 @@ class _Decode:
         self.new = event_class
         readers: dict[str, Callable[[Any], str]] = {
             "bytea": lambda v: from_bytes(bytes(v)), "text": from_text, "jsonb": one_line}
-        self.convert = tuple((i, readers[table.payload_encoding.get(col, "jsonb")])
-                             for i, col in ((4, table.data), (5, table.metadata)) if col)
+        # A column the mapping lacks is selected as NULL: its reader is never called.
+        self.read_data = readers[table.payload_encoding.get(table.data or "", "jsonb")]
+        self.read_metadata = readers[table.payload_encoding.get(table.metadata or "", "jsonb")]
 
     def event(self, row: _Row) -> Event:
         d, m = row[4], row[5]
-        for i, read in self.convert:
-            if i == 4:
-                d = None if d is None else read(d)
-            else:
-                m = None if m is None else read(m)
+        if d is not None:
+            d = self.read_data(d)
+        if m is not None:
+            m = self.read_metadata(m)
         stream_id = row[1]
         if type(stream_id) is not str:
             stream_id = str(stream_id)

@@ -120,10 +120,15 @@ class Collector:
             raise self.error
 
 
+def wal_now(conn: psycopg.Connection) -> Lsn:
+    """The server's WAL insert position now: an --endpos just past what was written so far."""
+    return Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+
+
 def prime(dsn: str, consumer: str, slot: str = "cdc") -> None:
     """Create the slot and the consumer's position (an empty hand-off), so later events stream."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        lsn = Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        lsn = wal_now(conn)
     with Consumer(dsn, consumer=consumer, slot=slot, endpos=lsn) as feed:
         assert list(feed) == []
 

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 
 from cdc import DecimalEvent, Event, jsontext
 from cdc.consumer import Consumer
-from cdc.events import Lsn, Transaction
+from cdc.events import Transaction
 from cdc.sinks import StreamSink
 from cdc.webhook import WebhookSink
 
-from .support import Collector, prime
+from .support import Collector, prime, wal_now
 from .test_webhook import start_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,10 +132,6 @@ def insert(conn: psycopg.Connection, docs: list[tuple[str, str]]) -> list[int]:
 def held(conn: psycopg.Connection, seqs: list[int]) -> dict[int, tuple[str, str]]:
     rows = conn.execute("SELECT seq, data::text, metadata::text FROM cdc.events WHERE seq = ANY(%s)", (seqs,))
     return {r[0]: (r[1], r[2]) for r in rows}
-
-
-def wal_now(conn: psycopg.Connection) -> Lsn:
-    return Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
 
 
 def check_events(events: list[Event], truth: dict[int, tuple[str, str]]) -> None:
