@@ -137,7 +137,9 @@ def test_server_down_for_seconds_mid_projection_is_waited_out_not_poison(dsn, co
         for stream in range(6):
             store.append(conn, f"down-{stream}", [store.NewEvent("E", {"i": i}) for i in range(3)],
                          expected_version=0)
-        time.sleep(0.5)  # the handler is in its first transactions
+        # The run has connected and committed its first transaction (a process still starting
+        # would meet a missing server, which fails at once by design): the handler is in the next.
+        wait_delivered_projection(dsn, 1, timeout=30)
         conn.close()
         started = time.monotonic()
         stopped = run_as_server_user(server.cluster, [*pg_ctl, "-m", "fast", "-w", "-t", "60", "stop"])
