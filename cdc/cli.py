@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole thing on a throwaway cluster: writers, rollbacks, delivery in commit order",
                        formatter_class=_Formatter)
-    p.add_argument("--seconds", type=float, default=10.0, help="how long the writers write (default 10)")
+    p.add_argument("--seconds", type=float, default=5.0, help="how long the writers write (default 5)")
     p.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
     p.add_argument("--log-format", choices=["text", "json"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help=argparse.SUPPRESS)

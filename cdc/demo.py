@@ -55,7 +55,7 @@ def _writer(dsn: str, n: int, until: float, stats: dict[str, int], lock: threadi
             time.sleep(rng.uniform(0.005, 0.03))
 
 
-def demo(*, seconds: float = 10.0, writers: int = 4) -> int:
+def demo(*, seconds: float = 5.0, writers: int = 4) -> int:
     print("cdc demo: starting a throwaway PostgreSQL cluster...", file=sys.stderr)
     with embedded_cluster(fast=True) as cluster:
         dsn = cluster.dsn
