@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "transaction, acknowledged after a 2xx), python:MODULE:FUNCTION (function(conn, tx) run in "
                         "the same database transaction as the checkpoint: exactly-once)")
     p.add_argument("--endpos", default=None,
-                   help="stop after the last transaction ending at or before this LSN (e.g. 0/1A2B3C4), acknowledged, exit 0")
+                   help="stop after the last transaction ending at or before this LSN (e.g. 0/1A2B3C4), acknowledged, exit 0; "
+                        "'now' is the WAL position when the run starts (catch up, then exit). A new consumer's "
+                        "hand-off and the poll path stop at the first point past it that they can prove "
+                        "(everything committed by it, maybe a few after); a hand-off refuses an LSN already "
+                        "in the past when the run starts")
     p.add_argument("--poll-interval", type=float, default=None, help="poll mode: seconds between polls when no NOTIFY wakes us (default 0.1)")
     p.add_argument("--stale-threshold", type=float, default=None,
                    help="seconds after which a sequence hole held by a live transaction is logged (it is never skipped; default 3)")

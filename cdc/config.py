@@ -68,7 +68,7 @@ class Settings(BaseModel):
     @field_validator("endpos")
     @classmethod
     def _lsn(cls, v: str | None) -> str | None:
-        if v is not None:
+        if v is not None and v != "now":
             Lsn.parse(v)
         return v
 

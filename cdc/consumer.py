@@ -108,7 +108,7 @@ class Consumer:
         mode: Mode = "stream",
         table: EventTable = DEFAULT_TABLE,
         auto_ack: bool = True,
-        endpos: Lsn | None = None,
+        endpos: Lsn | Literal["now"] | None = None,
         chunk_events: int = DEFAULT_CHUNK_EVENTS,
         status_interval: float = 10.0,
         checkpoint_interval: float = 1.0,
@@ -131,7 +131,11 @@ class Consumer:
         self.mode: Mode = mode
         self.table = table
         self.auto_ack = auto_ack
-        self.endpos = endpos
+        # "now" is the WAL position when the run starts, read by the run itself: a position the
+        # caller read earlier may already be behind it by the time a new consumer's hand-off begins.
+        self._endpos_now = endpos == "now"
+        self.endpos: Lsn | None = None if endpos == "now" else endpos
+        self._run_start: Lsn | None = None
         self.chunk_events = chunk_events
         self.status_interval = status_interval
         self.checkpoint_interval = checkpoint_interval
@@ -297,9 +301,24 @@ class Consumer:
         while not self._stop and time.monotonic() < deadline:
             time.sleep(min(0.1, deadline - time.monotonic()))
 
+    def mark_start(self, lsn: Lsn) -> None:
+        """Where the WAL was when the run began: what `endpos="now"` means, and the point before
+        which a hand-off refuses an endpos. A caller that writes before iterating (a sink set-up,
+        a prune) gives the position it read before those writes; else the run reads it itself."""
+        self._run_start = lsn
+        if self._endpos_now:
+            self.endpos = lsn
+            log.info("--endpos now: stopping at %s, the WAL position at the start of the run", lsn)
+
     def _load_position(self) -> None:
+        from .polling import WAL_NOW
+
         saved = self.checkpoints.load()
         self._position = saved or Position()
+        if self._run_start is None:
+            with self.pool.connection() as conn:
+                row = conn.execute(WAL_NOW).fetchone()
+            self.mark_start(Lsn.parse(row[0]) if row and row[0] else Lsn(0))
         self._acked_lsn = self._position.lsn
         from .holes import SeqWatermark
 
@@ -365,6 +384,8 @@ class Consumer:
         """(Re)create the slot with an exported snapshot and replay what the position lacks."""
         from .polling import read_snapshot
 
+        if self.endpos is not None and self._run_start is not None:
+            self._refuse_endpos_before(self._run_start)
         log.warning("%s: replaying from seq %d under a new slot snapshot, then streaming",
                     reason, self._position.seq)
         if drop:
@@ -408,6 +429,20 @@ class Consumer:
         log.info("hand-off: %d events replayed from the snapshot; streaming from %s", count,
                  created.consistent_point)
         return created.consistent_point
+
+    def _refuse_endpos_before(self, start: Lsn) -> None:
+        """A hand-off replays every event committed before its slot's start, and the snapshot
+        has no commit LSNs to stop at an earlier one: an endpos already in the past when the run
+        started is refused rather than delivered past. One reached while the slot is being made
+        ends the run at the slot's start: everything committed by endpos, and maybe a few after
+        (as on the poll path)."""
+        assert self.endpos is not None
+        if self.endpos < start:
+            raise ConfigError(
+                f"--endpos {self.endpos} is before the start of this run (the WAL was at {start}), and "
+                f"consumer {self.consumer!r} needs a new slot: its hand-off delivers everything committed "
+                f"up to the slot's start, so it cannot stop at {self.endpos}; give --endpos now, "
+                f"{start} or later, or none")
 
     def _drop_new_slot(self, rs: ReplicationStream) -> None:
         try:
@@ -516,7 +551,7 @@ class Consumer:
     # -- poll -----------------------------------------------------------------------------------
 
     def _poll(self) -> Iterator[Transaction]:
-        from .polling import Poller
+        from .polling import CommitBound, Poller
 
         self._poller = poller = Poller(
             pool=self.pool, table=self.table, position=self._current_position(),
@@ -528,6 +563,7 @@ class Consumer:
         self.path = "poll"
         log.info("polling %s on %s as consumer %s from seq %d", self.table.qualified,
                  describe(self.dsn), self.consumer, self._position.seq)
+        bound = CommitBound(self.table, self.endpos) if self.endpos is not None else None
         try:
             while not self._stop:
                 txs = poller.poll(0.2)
@@ -537,6 +573,13 @@ class Consumer:
                     if self._stop:
                         break
                 self._checkpoint(force=not txs)
+                if bound is not None and not self._stop:
+                    with self.pool.connection() as conn:
+                        top = bound.step(conn)
+                    if top is not None and poller.high_water_mark >= top and not poller.in_transaction:
+                        log.info("endpos %s reached: every event committed before it is delivered "
+                                 "(up to seq %d)", self.endpos, poller.high_water_mark)
+                        self._finish_at_endpos()
         finally:
             poller.close()
             self._poller = None

@@ -19,7 +19,6 @@ from . import store
 from .consumer import Consumer
 from .embedded import embedded_cluster
 from .errors import ConcurrencyError
-from .events import Lsn
 from .sinks import StreamSink
 
 log = logging.getLogger("cdc.demo")
@@ -63,15 +62,28 @@ def demo(*, seconds: float = 5.0, writers: int = 4) -> int:
             store.setup(conn)
         stats = {"committed": 0, "rolled_back": 0}
         lock = threading.Lock()
-        until = time.monotonic() + seconds
-        threads = [threading.Thread(target=_writer, args=(dsn, n, until, stats, lock), daemon=True)
-                   for n in range(writers)]
         delivered: list[tuple[int, str, int, int | None]] = []  # seq, stream, version, xid
         sink = StreamSink()
-        _create_slot(dsn)
         consumer = Consumer(dsn, consumer="demo", mode="auto", checkpoint_interval=0.5)
 
-        def finish() -> None:
+        def drive() -> None:
+            # Write only once the consumer streams, so that every event comes from the stream (a
+            # slot created while writers run hands over from a snapshot instead); where logical
+            # decoding is unavailable it polls, and the writers start once that is settled.
+            deadline, polled_since = time.monotonic() + 15, None
+            while time.monotonic() < deadline and consumer.path != "stream":
+                if consumer.path == "poll":
+                    polled_since = polled_since or time.monotonic()
+                    if time.monotonic() - polled_since > 1.0:
+                        break
+                time.sleep(0.02)
+            print(f"cdc demo: {writers} writers for {seconds:g} s on {cluster.dsn}; events follow on stdout",
+                  file=sys.stderr)
+            until = time.monotonic() + seconds
+            threads = [threading.Thread(target=_writer, args=(dsn, n, until, stats, lock), daemon=True)
+                       for n in range(writers)]
+            for t in threads:
+                t.start()
             for t in threads:
                 t.join()
             deadline = time.monotonic() + 20
@@ -81,11 +93,7 @@ def demo(*, seconds: float = 5.0, writers: int = 4) -> int:
                     time.sleep(0.1)
             consumer.stop()
 
-        print(f"cdc demo: {writers} writers for {seconds:g} s on {cluster.dsn}; events follow on stdout",
-              file=sys.stderr)
-        for t in threads:
-            t.start()
-        threading.Thread(target=finish, daemon=True).start()
+        threading.Thread(target=drive, daemon=True).start()
         try:
             for tx in consumer:
                 sink.write(tx)
@@ -94,17 +102,6 @@ def demo(*, seconds: float = 5.0, writers: int = 4) -> int:
         finally:
             consumer.close()
         return _summary(dsn, delivered, stats, consumer.path)
-
-
-def _create_slot(dsn: str) -> None:
-    """Create the slot (and the consumer's position) before anyone writes, so that every event
-    comes from the stream; a slot created while writers run hands over from a snapshot instead."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-    assert row is not None
-    with Consumer(dsn, consumer="demo", mode="auto", endpos=Lsn.parse(row[0])) as feed:
-        for _ in feed:
-            pass
 
 
 def _summary(dsn: str, delivered: list[tuple[int, str, int, int | None]], stats: dict[str, int], path: str | None) -> int:

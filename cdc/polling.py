@@ -34,7 +34,7 @@ from psycopg_pool import ConnectionPool
 from . import metrics
 from .checkpoint import Position
 from .errors import UnsupportedChangeError
-from .events import Event, Transaction
+from .events import Event, Lsn, Transaction
 from .holes import (
     HoleTracker,
     describe_stale,
@@ -48,6 +48,10 @@ from .sinks import Sink
 from .store import DEFAULT_TABLE, NOTIFY_CHANNEL, EventTable
 
 log = logging.getLogger("cdc.poll")
+
+# Where the WAL is now, on a primary or a standby.
+WAL_NOW = ("SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+           "ELSE pg_current_wal_lsn() END)::text")
 
 _Row = tuple[Any, ...]
 
@@ -123,6 +127,11 @@ class Poller:
             conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
             self._listener = psycopg.connect(conninfo, autocommit=True, **_connect_kwargs(pool))
             self._listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction cut at a page end was handed out and may go on in the next page."""
+        return self._open_xid is not None
 
     @property
     def position(self) -> Position:
@@ -300,6 +309,42 @@ def proven_upper_bound(conn: psycopg.Connection, table: EventTable, to_seq: int 
                         "(a seq below %d may still commit)", pids or "prepared", top)
         time.sleep(interval)
     return top
+
+
+class CommitBound:
+    """The poll path's reading of an end LSN: the largest seq of the transactions that committed
+    before the WAL reached it, found a step per poll cycle (the poll loop never blocks on it).
+
+    Rows carry no commit LSN, so the bound is read in the order the hole rule needs: once the
+    WAL is at `lsn`, every commit at or before it is written; each such transaction is then
+    either visible or still holding the sequence lock (a transaction ends visible before it
+    releases its locks). When the holders seen at that moment have all ended, max(seq) covers
+    every one of them. Delivering up to that bound is everything committed by `lsn`, and maybe
+    some committed after it.
+    """
+
+    def __init__(self, table: EventTable, lsn: Lsn):
+        self.table, self.lsn = table, lsn
+        self.value: int | None = None
+        self._holders: dict[str, int | None] | None = None
+        self._oid = 0
+
+    def step(self, conn: psycopg.Connection) -> int | None:
+        if self.value is not None:
+            return self.value
+        if self._holders is None:
+            row = conn.execute(WAL_NOW).fetchone()
+            if row is None or Lsn.parse(row[0]) < self.lsn:
+                return None
+            self._oid = sequence_oid(conn, self.table)
+            self._holders = seq_lock_holders(conn, self._oid)
+        elif self._holders:
+            self._holders = live_holders(conn, self._holders, self._oid)
+        if not self._holders:
+            seq = sql.Identifier(self.table.seq)
+            row = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(seq, self.table.ident())).fetchone()
+            self.value = int(row[0]) if row and row[0] is not None else 0
+        return self.value
 
 
 class _Progress:

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import orjson
 import psycopg
@@ -249,16 +249,18 @@ def run(settings: Settings) -> int:
         while True:
             sink = None
             try:
+                started = _wal_now(dsn)  # before the sink's set-up and the helpers write anything
                 sink, projection_conn = _open_sink(settings, dsn, stop)
                 consumer = Consumer(
                     dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
-                    endpos=Lsn.parse(settings.endpos) if settings.endpos else None,
+                    endpos=_endpos(settings.endpos),
                     chunk_events=settings.chunk_events, status_interval=settings.status_interval,
                     checkpoint_interval=settings.checkpoint_interval, poll_interval=settings.poll_interval,
                     stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
                     record_deliveries=settings.record_deliveries or settings.reconcile,
                     reconnect=True, auto_ack=settings.workers == 1, numbers=settings.numbers,
                 )
+                consumer.mark_start(started)
                 break
             except (CdcError, psycopg.OperationalError) as err:
                 if sink is not None:
@@ -399,3 +401,18 @@ def _slot_free(pool: Any, slot: str) -> bool:
         return row is None or row[0] is None
     except psycopg.Error:
         return False
+
+
+def _endpos(value: str | None) -> Lsn | Literal["now"] | None:
+    if value is None:
+        return None
+    return "now" if value == "now" else Lsn.parse(value)
+
+
+def _wal_now(dsn: str) -> Lsn:
+    from .connection import connect
+    from .polling import WAL_NOW
+
+    with connect(dsn, autocommit=True) as conn:
+        row = conn.execute(WAL_NOW).fetchone()
+    return Lsn.parse(row[0]) if row and row[0] else Lsn(0)

@@ -127,9 +127,7 @@ def wal_now(conn: psycopg.Connection) -> Lsn:
 
 def prime(dsn: str, consumer: str, slot: str = "cdc") -> None:
     """Create the slot and the consumer's position (an empty hand-off), so later events stream."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        lsn = wal_now(conn)
-    with Consumer(dsn, consumer=consumer, slot=slot, endpos=lsn) as feed:
+    with Consumer(dsn, consumer=consumer, slot=slot, endpos="now") as feed:
         assert list(feed) == []
 
 

@@ -46,6 +46,26 @@ def _projection_table(conn: psycopg.Connection) -> None:
     conn.execute("CREATE TABLE fault_projection (seq bigint NOT NULL, xid bigint)")
 
 
+def _jsonl_size(path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _projection_rows(dsn: str) -> int:
+    return sql(dsn, "SELECT count(*) FROM fault_projection")[0][0]
+
+
+def _wait_progress(done, proc: subprocess.Popen[bytes], log, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, f"cdc run exited {proc.returncode}: {tail(log)}"
+        assert time.monotonic() < deadline, f"cdc run delivered nothing within {timeout} s: {tail(log)}"
+        time.sleep(0.05)
+
+
+def _wait_log(log, text: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    _wait_progress(lambda: log.exists() and text in log.read_text(), proc, log, timeout)
+
+
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -69,10 +89,18 @@ def test_kill_9_twenty_times_loses_nothing_and_the_projection_is_exact(dsn, conn
     rng = random.Random(8)
     sizes = []
     with Writers(dsn, writers=4, max_events=10, big=0.1, big_events=200, rollback=0.2, pause=0.05, seed=8) as writers:
-        for _ in range(20):
+        for round_ in range(20):
+            before = (_jsonl_size(out), _projection_rows(dsn))
             procs = [cdc_run(dsn, *jsonl, log=log), cdc_run(dsn, *proj, log=log)]
-            for p in procs:
-                time.sleep(rng.uniform(0.2, 1.2))
+            for i, p in enumerate(procs):
+                if round_ % 2:
+                    # Every other round kills a process that has delivered in this run: the start
+                    # takes longer than the random delay on a slow machine, and rounds that only
+                    # ever kill a starting process would test nothing else.
+                    _wait_progress(lambda: (_jsonl_size(out), _projection_rows(dsn))[i] > before[i], p, log)
+                    time.sleep(rng.uniform(0.0, 0.6))
+                else:
+                    time.sleep(rng.uniform(0.2, 1.2))
                 p.send_signal(signal.SIGKILL)
             for p in procs:
                 p.wait()
@@ -170,6 +198,8 @@ def test_server_restart_between_parts_of_a_huge_transaction_redelivers_it_from_i
     args = [*FAST, "--consumer", "parts", "--slot", "parts", "--sink", PROJECT, "--chunk-events", "5"]
     proc = cdc_run(dsn, *args, log=log, env={"CDC_FAULT_SLEEP": "0.25"})
     try:
+        # Connected first: a restart while the run is still starting would test nothing.
+        _wait_log(log, "streaming from slot parts", proc)
         store.append(conn, "huge", [store.NewEvent("E", {"i": i}) for i in range(60)], expected_version=0)
         time.sleep(1.2)  # a few of its 12 parts applied, uncommitted
         conn.close()

@@ -21,7 +21,6 @@ from psycopg import conninfo
 
 from cdc import store
 
-from .support import wal_now
 from .test_presets import MARTEN_DDL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +54,7 @@ class Mistake:
 
 def _run_before_setup_marten(conn: psycopg.Connection, dsn: str, tmp: Path) -> list[str]:
     conn.execute(MARTEN_DDL)
-    return ["run", "--dsn", dsn, "--preset", "marten", "--sink", "null", "--endpos", str(wal_now(conn))]
+    return ["run", "--dsn", dsn, "--preset", "marten", "--sink", "null", "--endpos", "now"]
 
 
 def _dropped_column(conn: psycopg.Connection, dsn: str, tmp: Path, *args: str) -> list[str]:
@@ -71,18 +70,18 @@ def add_events_no_type(conn: psycopg.Connection) -> None:
 
 def _stream_dropped_column(conn: psycopg.Connection, dsn: str, tmp: Path) -> list[str]:
     # A consumer standing on its slot, then the table loses a column under it.
-    first = cdc("run", "--dsn", dsn, "--sink", "null", "--endpos", str(wal_now(conn)))
+    first = cdc("run", "--dsn", dsn, "--sink", "null", "--endpos", "now")
     assert first.returncode == 0, first.stderr
     conn.execute("ALTER TABLE cdc.events DROP COLUMN type")
     add_events_no_type(conn)
-    return ["run", "--dsn", dsn, "--sink", "null", "--mode", "stream", "--endpos", str(wal_now(conn))]
+    return ["run", "--dsn", dsn, "--sink", "null", "--mode", "stream", "--endpos", "now"]
 
 
 def _config(text: str) -> Callable[[psycopg.Connection, str, Path], list[str]]:
     def prepare(conn: psycopg.Connection, dsn: str, tmp: Path) -> list[str]:
         path = tmp / "cdc.toml"
         path.write_text(text)
-        return ["run", "--dsn", dsn, "--config", str(path), "--endpos", str(wal_now(conn))]
+        return ["run", "--dsn", dsn, "--config", str(path), "--endpos", "now"]
     return prepare
 
 
@@ -160,8 +159,7 @@ def test_a_role_without_grants_meets_one_line_naming_the_grant_on_every_command(
     try:
         add_events(conn, 3)
         as_role = conninfo.make_conninfo(dsn, user=role)
-        end = str(wal_now(conn))
-        for args in (["run", "--sink", "null", "--endpos", end], ["run", "--mode", "poll", "--sink", "null"],
+        for args in (["run", "--sink", "null", "--endpos", "now"], ["run", "--mode", "poll", "--sink", "null"],
                      ["replay", "--from-seq", "1"], ["reconcile"]):
             proc = cdc(args[0], "--dsn", as_role, *args[1:])
             assert "Traceback" not in proc.stderr, (args, proc.stderr)
@@ -194,11 +192,11 @@ def test_a_role_with_exactly_the_documented_grants_runs_every_command(dsn: str, 
         assert checked.returncode == 0, checked.stdout
         # Stream (a hand-off first: a new consumer), recording deliveries, then reconcile.
         out = tmp_path / "out.jsonl"
-        run = cdc("run", "--dsn", as_role, "--sink", f"jsonl:{out}", "--record-deliveries", "--endpos", str(wal_now(conn)))
+        run = cdc("run", "--dsn", as_role, "--sink", f"jsonl:{out}", "--record-deliveries", "--endpos", "now")
         assert run.returncode == 0, run.stderr
         assert len(out.read_text().splitlines()) == 5
         add_events(conn, 2)
-        run = cdc("run", "--dsn", as_role, "--sink", f"jsonl:{out}", "--record-deliveries", "--endpos", str(wal_now(conn)))
+        run = cdc("run", "--dsn", as_role, "--sink", f"jsonl:{out}", "--record-deliveries", "--endpos", "now")
         assert run.returncode == 0, run.stderr
         assert len(out.read_text().splitlines()) == 7
         recon = cdc("reconcile", "--dsn", as_role, "--consumer", "default")
@@ -209,7 +207,7 @@ def test_a_role_with_exactly_the_documented_grants_runs_every_command(dsn: str, 
         (tmp_path / "failing.py").write_text("def handle(conn, tx):\n    raise ValueError('no')\n")
         add_events(conn, 1)
         dead = cdc("run", "--dsn", as_role, "--sink", "python:failing:handle", "--on-poison", "dead-letter",
-                   "--max-attempts", "1", "--consumer", "dl", "--slot", "dl", "--endpos", str(wal_now(conn)),
+                   "--max-attempts", "1", "--consumer", "dl", "--slot", "dl", "--endpos", "now",
                    env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
         assert dead.returncode == 0, dead.stderr
         assert conn.execute("SELECT count(*) FROM cdc.dead_letters").fetchone()[0] >= 1
@@ -223,7 +221,7 @@ def test_a_role_with_exactly_the_documented_grants_runs_every_command(dsn: str, 
                 # A new consumer: its hand-off reads the table too (a slot in use reads only the WAL).
                 before = slots(dsn)
                 failed = cdc("run", "--dsn", as_role, "--sink", "null", "--consumer", "fresh", "--slot", "fresh",
-                             "--endpos", str(wal_now(conn)))
+                             "--endpos", "now")
                 assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr
                 assert failed.stderr.strip().splitlines()[-1].startswith("cdc: error: "), failed.stderr
                 assert slots(dsn) == before, "a failed hand-off left its slot behind"
@@ -247,7 +245,7 @@ def test_every_command_reads_the_same_settings_flags_then_environment_then_file(
     cfg.write_text(f'[cdc]\nsink = "jsonl:{out}"\nconsumer = "named"\nslot = "named"\n')
     proc = cdc("replay", "--dsn", dsn, "--from-seq", "1", "--config", str(cfg))
     assert proc.returncode == 0 and len(out.read_text().splitlines()) == 3, proc.stderr
-    run = cdc("run", "--dsn", dsn, "--config", str(cfg), "--sink", "null", "--record-deliveries", "--endpos", str(wal_now(conn)))
+    run = cdc("run", "--dsn", dsn, "--config", str(cfg), "--sink", "null", "--record-deliveries", "--endpos", "now")
     assert run.returncode == 0, run.stderr
     for how in ({"env": {"CDC_CONSUMER": "named"}}, {"args": ("--config", str(cfg))}):
         proc = cdc("reconcile", "--dsn", dsn, *how.get("args", ()), env=how.get("env"))  # type: ignore[arg-type]
@@ -262,7 +260,7 @@ def test_messages_name_the_role_and_never_print_none(dsn: str, conn: psycopg.Con
     try:
         assert cdc("setup", "--dsn", dsn, "--grant", role).returncode == 0
         proc = cdc("run", "--dsn", conninfo.make_conninfo(dsn, user=role), "--mode", "stream", "--sink", "null",
-                   "--endpos", str(wal_now(conn)))
+                   "--endpos", "now")
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and f"ALTER ROLE {role} REPLICATION" in last, proc.stderr
     finally:
@@ -271,7 +269,7 @@ def test_messages_name_the_role_and_never_print_none(dsn: str, conn: psycopg.Con
     proc = cdc("reconcile", "--dsn", dsn, "--consumer", "nosuch")
     assert "None" not in proc.stdout, proc.stdout
     add_events(conn, 1)
-    proc = cdc("run", "--dsn", dsn, "--sink", "null", "--endpos", str(wal_now(conn)))
+    proc = cdc("run", "--dsn", dsn, "--sink", "null", "--endpos", "now")
     assert proc.returncode == 0 and "1 event in 1 transaction delivered" in proc.stderr, proc.stderr
 
 

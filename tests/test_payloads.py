@@ -198,7 +198,7 @@ def deliver_all_paths(dsn: str, conn: psycopg.Connection, docs: list[tuple[str, 
     check_records([ev for b in bodies for ev in b["events"]], truth)
 
     # The hand-off replay: a new consumer, new slot, its history read under the slot's snapshot.
-    with Consumer(dsn, consumer=f"new{tag}", slot=f"new{tag}", endpos=end) as feed:
+    with Consumer(dsn, consumer=f"new{tag}", slot=f"new{tag}", endpos="now") as feed:
         txs = [tx for tx in feed if tx.events]
     handed = [e for tx in txs for e in tx.events if e.seq >= first]
     check_events(handed, truth)
