@@ -14,6 +14,8 @@ The exactly-once variant: `save(..., conn=c)` inside the handler's own transacti
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -21,7 +23,24 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from .errors import CdcError, ConfigError
 from .events import Lsn, Transaction
+
+DEFAULT_CONSUMER = "default"
+LEGACY_SLOT = "cdc"  # every consumer's default slot before slots were per consumer
+
+
+def default_slot(consumer: str) -> str:
+    """The slot a consumer reads unless told otherwise: its own, so two consumers never share
+    one by default (a shared slot is acknowledged by whichever ran last, and each re-creates it
+    with a replay when it finds the other's position). `cdc` for the default consumer, as ever."""
+    if consumer == DEFAULT_CONSUMER:
+        return LEGACY_SLOT
+    name = re.sub(r"[^a-z0-9_]", "_", consumer.lower())
+    if name != consumer or len(name) > 59:
+        # Two names that read the same once lowered and cleaned still get two slots.
+        name = f"{name[:50]}_{hashlib.sha1(consumer.encode()).hexdigest()[:8]}"
+    return f"cdc_{name}"
 
 
 @dataclass(frozen=True)
@@ -36,9 +55,10 @@ class Position:
 
 
 _SAVE = """
-INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, updated_at)
-VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, now())
+INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, slot, updated_at)
+VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, %(slot)s, now())
 ON CONFLICT (consumer) DO UPDATE SET
+    slot = coalesce(excluded.slot, c.slot),
     lsn = greatest(c.lsn, excluded.lsn),
     seqs_above = CASE WHEN excluded.seq > c.seq THEN excluded.seqs_above
                       WHEN excluded.seq = c.seq THEN ARRAY(SELECT DISTINCT unnest(c.seqs_above || excluded.seqs_above) ORDER BY 1)
@@ -54,6 +74,7 @@ class Checkpoints:
     def __init__(self, pool: ConnectionPool, consumer: str):
         self.pool = pool
         self.consumer = consumer
+        self.slot: str | None = None  # recorded with each save once the stream claimed it
 
     def load(self) -> Position | None:
         with self.pool.connection() as conn:
@@ -63,10 +84,30 @@ class Checkpoints:
         """Save `position`. With `conn`, inside that connection's current transaction (the
         projection handler's), so the handler's writes and the position commit together."""
         if conn is not None:
-            save(conn, self.consumer, position)
+            save(conn, self.consumer, position, self.slot)
             return
         with self.pool.connection() as c:
-            save(c, self.consumer, position)
+            save(c, self.consumer, position, self.slot)
+
+    def claim(self, slot: str) -> str | None:
+        """Refuse a slot another consumer's checkpoint records; else return the slot this
+        consumer last read (None if it never recorded one), and record `slot` from the next save."""
+        with self.pool.connection() as conn:
+            try:
+                rows = conn.execute(
+                    "SELECT consumer, slot FROM cdc.checkpoints WHERE slot = %s OR consumer = %s",
+                    (slot, self.consumer)).fetchall()
+            except psycopg.errors.UndefinedColumn:
+                raise CdcError("cdc.checkpoints has no slot column (a schema from an earlier cdc): run "
+                               "`cdc setup` as the owner of schema cdc to upgrade it") from None
+        others = sorted(r[0] for r in rows if r[0] != self.consumer)
+        if others:
+            raise ConfigError(
+                f"slot {slot} is read by consumer {others[0]!r} (its checkpoint in cdc.checkpoints): give "
+                f"consumer {self.consumer!r} its own --slot (or none: the default is {default_slot(self.consumer)}); "
+                f"two consumers on one slot acknowledge each other's events")
+        self.slot = slot
+        return next((r[1] for r in rows if r[0] == self.consumer), None)
 
     def reset(self) -> None:
         """Forget the position: the next run starts from the beginning."""
@@ -83,7 +124,7 @@ def load(conn: psycopg.Connection, consumer: str) -> Position | None:
     return Position(Lsn.parse(row[0]) if row[0] else None, int(row[1]), frozenset(row[2] or ()))
 
 
-def save(conn: psycopg.Connection, consumer: str, position: Position) -> None:
+def save(conn: psycopg.Connection, consumer: str, position: Position, slot: str | None = None) -> None:
     conn.execute(
         _SAVE,
         {
@@ -91,6 +132,7 @@ def save(conn: psycopg.Connection, consumer: str, position: Position) -> None:
             "lsn": str(position.lsn) if position.lsn is not None else None,
             "seq": position.seq,
             "above": sorted(position.seqs_above),
+            "slot": slot,
         },
     )
 

@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["auto", "stream", "poll"], default=None,
                    help="stream: wal2json slot; poll: gap-safe seq poller; auto (default): stream when logical "
                         "decoding works, else poll after one warning saying why")
-    p.add_argument("--slot", default=None, help="replication slot name (default cdc); created if missing")
+    p.add_argument("--slot", default=None, help="replication slot name, created if missing; one consumer's own (default: cdc for consumer "
+                        "'default', cdc_<consumer> for any other; a slot another consumer's checkpoint records "
+                        "is refused)")
     p.add_argument("--consumer", default=None, help="consumer name: its checkpoint in cdc.checkpoints (default 'default')")
     p.add_argument("--sink", default=None,
                    help="stdout (default), null, jsonl:PATH (fsynced before acknowledging), webhook:URL (POST per "
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="preflight: is this server ready for cdc? one line per check", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
-    p.add_argument("--slot", default=None, help="slot to inspect (default cdc)")
+    p.add_argument("--slot", default=None, help="slot to inspect (default: the consumer's own, as for `cdc run`)")
     p.add_argument("--config", help="TOML file with settings, as for `cdc run` (slot, table mapping, dsn)")
     p.add_argument("--feature", action="append", choices=["record-deliveries", "reconcile", "dead-letters"],
                    default=None, help="also verify the grants this feature needs (run's are always checked); repeatable")

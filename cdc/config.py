@@ -13,8 +13,9 @@ import os
 import tomllib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .checkpoint import default_slot
 from .errors import ConfigError
 from .events import Lsn
 
@@ -24,7 +25,8 @@ class Settings(BaseModel):
 
     dsn: str | None = None
     mode: Literal["auto", "stream", "poll"] = "auto"
-    slot: str = Field("cdc", min_length=1, max_length=63, pattern=r"^[a-z0-9_]+$")
+    # Empty: the consumer's own (checkpoint.default_slot), filled in once the consumer is known.
+    slot: str = Field("", max_length=63, pattern=r"^[a-z0-9_]*$")
     consumer: str = Field("default", min_length=1)
     sink: str = "stdout"
     endpos: str | None = None
@@ -64,6 +66,12 @@ class Settings(BaseModel):
     numbers: Literal["float", "decimal"] = "float"
     data_encoding: Literal["jsonb", "bytea", "text"] | None = None
     metadata_encoding: Literal["jsonb", "bytea", "text"] | None = None
+
+    @model_validator(mode="after")
+    def _own_slot(self) -> Settings:
+        if not self.slot:
+            self.slot = default_slot(self.consumer)
+        return self
 
     @field_validator("endpos")
     @classmethod

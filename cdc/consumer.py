@@ -30,7 +30,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import metrics
-from .checkpoint import Checkpoints, Position
+from .checkpoint import LEGACY_SLOT, Checkpoints, Position, default_slot
 from .connection import describe, mask, open_pool, resolve_dsn
 from .decoding import DEFAULT_CHUNK_EVENTS, PLUGIN_OPTIONS, Decoder
 from .errors import (
@@ -104,7 +104,7 @@ class Consumer:
         dsn: str | None = None,
         *,
         consumer: str = "default",
-        slot: str = "cdc",
+        slot: str | None = None,
         mode: Mode = "stream",
         table: EventTable = DEFAULT_TABLE,
         auto_ack: bool = True,
@@ -127,7 +127,7 @@ class Consumer:
         # How Event.data reads non-integer numbers (integers are exact either way).
         self.event_class: type[Event] = DecimalEvent if numbers == "decimal" else Event
         self.consumer = consumer
-        self.slot = slot
+        self.slot = slot or default_slot(consumer)
         self.mode: Mode = mode
         self.table = table
         self.auto_ack = auto_ack
@@ -324,6 +324,24 @@ class Consumer:
 
         self._watermark = SeqWatermark(table=self.table, position=self._position, stale_after=self.stale_after)
 
+    def _claim_slot(self) -> None:
+        """One slot, one consumer: a slot another consumer's checkpoint records is refused
+        (ConfigError), and a consumer that moved to another slot hears about the one it left,
+        which holds WAL until someone drops it."""
+        last = self.checkpoints.claim(self.slot)
+        left = last
+        if last is None and self._position.lsn is not None and self.slot != LEGACY_SLOT:
+            # It streamed before slots were recorded, when every consumer read `cdc` by default.
+            with self.pool.connection() as conn:
+                if conn.execute("SELECT FROM pg_replication_slots WHERE slot_name = %s AND database = "
+                                "current_database()", (LEGACY_SLOT,)).fetchone() is not None:
+                    left = LEGACY_SLOT
+        if left is not None and left != self.slot:
+            log.warning("consumer %s read slot %s before and reads %s now (a new slot hands over from the "
+                        "checkpoint: nothing missed or repeated); give --slot %s to keep the old one, or drop "
+                        "it once nothing reads it: SELECT pg_drop_replication_slot('%s')",
+                        self.consumer, left, self.slot, left, left)
+
     def _drop_stream(self) -> None:
         if self._stream is not None:
             self._stream.close()
@@ -341,6 +359,7 @@ class Consumer:
         self._stream = rs
         rs.open()
         metrics.STATUS.connected = True
+        self._claim_slot()
         info = rs.slot_info()
         # A consumer restarted right after a kill -9 finds its old walsender still holding the
         # slot for a moment (until the server notices the dead socket): give it a few seconds.

@@ -49,9 +49,10 @@ from .store import DEFAULT_TABLE, NOTIFY_CHANNEL, EventTable
 
 log = logging.getLogger("cdc.poll")
 
-# Where the WAL is now, on a primary or a standby.
+# Where the WAL is now, on a primary or a standby: the insert position, which holds every commit
+# that returned, also under synchronous_commit = off (the write position may still lag it).
 WAL_NOW = ("SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-           "ELSE pg_current_wal_lsn() END)::text")
+           "ELSE pg_current_wal_insert_lsn() END)::text")
 
 _Row = tuple[Any, ...]
 

@@ -174,14 +174,19 @@ def tail(log: Path, n: int = 8) -> str:
     return "\n".join(lines[-n:])
 
 
-def read_jsonl(*paths: Path, torn: list[str] | None = None) -> list[dict]:
+def read_jsonl(*paths: Path, torn: list[str] | None = None, writing: bool = False) -> list[dict]:
     """The records of jsonl sink files. A line that does not parse is a record torn by kill -9
-    (and glued to the next run's first one): collected in `torn` when given, else an error."""
+    (and glued to the next run's first one): collected in `torn` when given, else an error.
+    `writing`: a run may be writing the last line as we read it, so a line without its newline
+    is not read yet."""
     records = []
     for p in paths:
         if not p.exists():
             continue
-        for n, line in enumerate(p.read_bytes().splitlines(), 1):
+        data = p.read_bytes()
+        if writing and not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]
+        for n, line in enumerate(data.splitlines(), 1):
             try:
                 records.append(orjson.loads(line))
             except orjson.JSONDecodeError:
@@ -195,7 +200,7 @@ def wait_delivered(paths: Iterable[Path], seqs: set[int], timeout: float = 60.0)
     paths = list(paths)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        got = {r["seq"] for r in read_jsonl(*paths)}
+        got = {r["seq"] for r in read_jsonl(*paths, writing=True)}
         if seqs <= got:
             return
         time.sleep(0.2)

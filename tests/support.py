@@ -125,7 +125,7 @@ def wal_now(conn: psycopg.Connection) -> Lsn:
     return Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
 
 
-def prime(dsn: str, consumer: str, slot: str = "cdc") -> None:
+def prime(dsn: str, consumer: str, slot: str | None = None) -> None:
     """Create the slot and the consumer's position (an empty hand-off), so later events stream."""
     with Consumer(dsn, consumer=consumer, slot=slot, endpos="now") as feed:
         assert list(feed) == []

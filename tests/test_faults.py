@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from cdc import Consumer, metrics, store
+from cdc.checkpoint import default_slot
 from cdc.embedded import embedded_cluster, restart, run_as_server_user
 
 from .faults import (
@@ -134,7 +135,7 @@ def test_server_fault_mid_stream_reconnects_and_loses_nothing(dsn, server, tmp_p
             for _ in range(2):
                 time.sleep(1.5)
                 if fault == "terminate_walsender":
-                    assert terminate_walsender(dsn, "cdc") or True
+                    assert terminate_walsender(dsn, default_slot("srv")) or True
                 else:
                     restart(server.cluster, fault.removeprefix("restart_"))
             time.sleep(1.5)
@@ -234,7 +235,7 @@ def test_slot_dropped_while_running_is_recreated_with_a_snapshot_hand_off(dsn, t
     try:
         with Writers(dsn, writers=4, big=0.05, rollback=0.2, pause=0.02):
             time.sleep(1.5)
-            drop_slot_while_running(dsn, "cdc")
+            drop_slot_while_running(dsn, default_slot("drop"))
             time.sleep(2.0)
         wait_delivered([out], committed_seqs(dsn), timeout=60)
     finally:
@@ -278,9 +279,9 @@ def test_invalidated_slot_is_detected_and_replayed_through_the_hand_off(tmp_path
                 conn.execute("INSERT INTO filler SELECT repeat(md5(g::text), 32) FROM generate_series(1, 20000) g")
                 conn.execute("SELECT pg_switch_wal()")
                 conn.execute("CHECKPOINT")
-                if slot_row(dsn, "cdc")[2] == "lost":
+                if slot_row(dsn, default_slot("inv"))[2] == "lost":
                     break
-            assert slot_row(dsn, "cdc")[2] == "lost"
+            assert slot_row(dsn, default_slot("inv"))[2] == "lost"
         release.set()
         write_concurrently(dsn, writers=2, seconds=1, rollback=0.2, hold=0, seed=3)
         col.wait_for(committed_seqs(dsn), timeout=60)
@@ -289,7 +290,7 @@ def test_invalidated_slot_is_detected_and_replayed_through_the_hand_off(tmp_path
         assert set(col.seqs) == committed
         # Replays are whole transactions from the poll path, never invented events.
         assert {tx.source for tx in col.transactions} >= {"stream", "poll"}
-        assert slot_row(dsn, "cdc")[2] != "lost"
+        assert slot_row(dsn, default_slot("inv"))[2] != "lost"
 
 
 # -- 4. contention --------------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def test_standby_takes_over_within_10_s_after_kill_9_and_never_two_are_active(ds
     with Writers(dsn, writers=4, rollback=0.2, pause=0.02):
         a = cdc_run(dsn, *args, "--sink", f"jsonl:{outs[0]}", log=logs[0])
         deadline = time.monotonic() + 15
-        while (slot_row(dsn, "cdc") or (None,))[0] is None and time.monotonic() < deadline:
+        while (slot_row(dsn, default_slot("hot")) or (None,))[0] is None and time.monotonic() < deadline:
             time.sleep(0.05)
         b = cdc_run(dsn, *args, "--sink", f"jsonl:{outs[1]}", log=logs[1])
         deadline = time.monotonic() + 15
@@ -402,13 +403,13 @@ def test_handler_slower_than_wal_sender_timeout_keeps_the_connection(dsn, conn):
     col = Collector(Consumer(slow_dsn, consumer="slow", reconnect=True, backoff_max=0.5), on_tx=handler)
     conn.execute("INSERT INTO cdc.events (stream_id, version, type) VALUES ('s', 1, 'E')")
     time.sleep(0.5)
-    walsender = slot_row(dsn, "cdc")[0]
+    walsender = slot_row(dsn, default_slot("slow"))[0]
     assert walsender is not None
     for v in range(2, 6):
         conn.execute("INSERT INTO cdc.events (stream_id, version, type) VALUES ('s', %s, 'E')", (v,))
         time.sleep(0.3)
     col.wait_for(committed_seqs(dsn), timeout=30)
-    assert slot_row(dsn, "cdc")[0] == walsender, "the walsender was replaced: the connection dropped"
+    assert slot_row(dsn, default_slot("slow"))[0] == walsender, "the walsender was replaced: the connection dropped"
     col.stop()
     assert metrics.RECONNECTS._value.get() == before
     assert col.seqs == sorted(committed_seqs(dsn))
@@ -469,7 +470,7 @@ def test_unknown_column_or_truncate_stops_with_one_line_and_the_slot_is_not_adva
     assert out.returncode != 0
     line = _one_line_error(out.stderr)
     assert ("tenant" in line) if change == "add_column" else ("TRUNCATE" in line), line
-    flushed = slot_row(dsn, "cdc")[1]
+    flushed = slot_row(dsn, default_slot("bad"))[1]
     assert _lsn(flushed) <= _lsn(before), f"slot advanced to {flushed}, past the bad transaction at {before}"
     saved = sql(dsn, "SELECT lsn::text FROM cdc.checkpoints WHERE consumer = 'bad'")[0][0]
     assert _lsn(saved) <= _lsn(before)
@@ -478,7 +479,7 @@ def test_unknown_column_or_truncate_stops_with_one_line_and_the_slot_is_not_adva
     assert again.returncode != 0
     assert (("tenant" in _one_line_error(again.stderr)) if change == "add_column"
             else ("TRUNCATE" in _one_line_error(again.stderr)))
-    assert _lsn(slot_row(dsn, "cdc")[1]) <= _lsn(before)
+    assert _lsn(slot_row(dsn, default_slot("bad"))[1]) <= _lsn(before)
 
 
 @pytest.mark.parametrize("args, named", [
@@ -524,7 +525,7 @@ def test_failing_sink_is_not_acknowledged(dsn, conn, tmp_path):
                          cwd=ROOT, env=env)
     assert out.returncode == 1
     assert "giving up" in _one_line_error(out.stderr)
-    assert _lsn(slot_row(dsn, "cdc")[1]) <= _lsn(before), "the slot was acknowledged past the failed transaction"
+    assert _lsn(slot_row(dsn, default_slot("poison"))[1]) <= _lsn(before), "the slot was acknowledged past the failed transaction"
     assert _lsn(sql(dsn, "SELECT lsn::text FROM cdc.checkpoints WHERE consumer = 'poison'")[0][0]) <= _lsn(before)
     log = tmp_path / "run.log"
     drain(dsn, "--mode", "stream", "--consumer", "poison", "--sink", PROJECT, log=log)
@@ -545,7 +546,7 @@ def test_transaction_of_exactly_n_chunks_is_committed_by_the_projection(dsn, con
     time.sleep(1.5)
     conn.execute("INSERT INTO cdc.events (stream_id, version, type) VALUES ('y', 1, 'E')")
     assert proc.wait(30) == -signal.SIGKILL, tail(log)
-    wait_slot_free(dsn, "cdc")
+    wait_slot_free(dsn, default_slot("chunks"))
     drain(dsn, *args, log=log)
     check_projection(dsn)
 

@@ -64,7 +64,7 @@ def test_slot_dropped_mid_run_loses_nothing_and_duplicates_nothing(dsn):
 
     def dropper() -> None:
         time.sleep(1.0)
-        drop_slot_while_running(dsn, "cdc")
+        drop_slot_while_running(dsn, "cdc_d")
 
     t = threading.Thread(target=dropper)
     t.start()
@@ -85,7 +85,7 @@ def test_advanced_slot_is_detected_and_repaired_from_the_seq_position(dsn, conn)
     for v in range(2, 6):
         conn.execute("INSERT INTO cdc.events(stream_id, version, type, data) VALUES ('s', %s, 'E', '{}')", (v,))
     # Someone moves the slot past events the consumer never saw.
-    conn.execute("SELECT pg_replication_slot_advance('cdc', pg_current_wal_insert_lsn())")
+    conn.execute("SELECT pg_replication_slot_advance('cdc_adv', pg_current_wal_insert_lsn())")
     col = Collector(Consumer(dsn, consumer="adv"))
     col.wait_for({2, 3, 4, 5})
     col.stop()

@@ -100,7 +100,7 @@ def test_slot_is_acknowledged_only_up_to_the_handled_transaction(dsn, conn):
     consumer._checkpoint(force=True)
 
     def flushed() -> Lsn:
-        row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name='cdc'").fetchone()
+        row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name='cdc_c'").fetchone()
         return Lsn.parse(row[0])
 
     # The status update is asynchronous: wait for the server to apply it, then hold it there.
@@ -148,7 +148,7 @@ def test_walsender_terminated_reconnects_and_loses_nothing(dsn, conn):
     col = Collector(Consumer(dsn, consumer="t", backoff_max=0.5))
     _insert(conn, 3)
     col.wait_for({1, 2, 3})
-    conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name='cdc'")
+    conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name='cdc_t'")
     _insert(conn, 3, start=4)
     col.wait_for(set(range(1, 7)), timeout=30)
     col.stop()
@@ -214,7 +214,7 @@ def test_slot_held_by_another_process_is_a_clear_error(dsn, conn):
     col = Collector(Consumer(dsn, consumer="a"))
     _insert(conn, 1)
     col.wait_for({1})
-    proc = _run_cli(dsn, "--mode", "stream")
+    proc = _run_cli(dsn, "--mode", "stream", "--consumer", "a")
     _, stderr = proc.communicate(timeout=30)
     col.stop()
     assert proc.returncode == 1

@@ -129,8 +129,9 @@ def test_handler_error_stops_everything_and_acknowledges_nothing_past_it():
 
 # -- against the cluster --------------------------------------------------------------------------------
 
-def _slot_flush(conn: psycopg.Connection) -> Lsn:
-    return Lsn.parse(conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name='cdc'").fetchone()[0])
+def _slot_flush(conn: psycopg.Connection, slot: str) -> Lsn:
+    return Lsn.parse(conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name=%s",
+                                  (slot,)).fetchone()[0])
 
 
 def _saved_lsn(conn: psycopg.Connection, consumer: str) -> Lsn:
@@ -208,7 +209,7 @@ def test_eight_workers_handle_every_committed_event_in_per_stream_version_order(
     assert len({name for _, _, _, name in seen}) == 8
     # Everything handled: the checkpoint and the slot stand at the last transaction.
     assert d.outstanding == 0 and d.acknowledged is not None
-    assert _saved_lsn(conn, "pw") == d.acknowledged.end_lsn == _slot_flush(conn)
+    assert _saved_lsn(conn, "pw") == d.acknowledged.end_lsn == _slot_flush(conn, "cdc_pw")
 
 
 def _run_cli(dsn: str, *args: str, **kw) -> subprocess.Popen:
@@ -376,7 +377,7 @@ def test_handler_error_at_endpos_saves_no_position_past_the_failed_slice(dsn, co
     with pytest.raises(RuntimeError, match="projection failed"):
         consumer.close()  # refuses to save the position the consumer reached by itself
     saved = _saved_lsn(conn, "fe")
-    assert before <= saved < endpos and _slot_flush(conn) <= saved
+    assert before <= saved < endpos and _slot_flush(conn, "cdc_fe") <= saved
     # The failed transaction comes again.
     again = Consumer(dsn, consumer="fe", endpos=endpos)
     assert failing in [e.seq for tx in again for e in tx.events]
