@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after the last transaction ending at or before this LSN (e.g. 0/1A2B3C4), acknowledged, exit 0; "
                         "'now' is the WAL position when the run starts (catch up, then exit). A new consumer's "
                         "hand-off and the poll path stop at the first point past it that they can prove "
-                        "(everything committed by it, maybe a few after); a hand-off refuses an LSN already "
-                        "in the past when the run starts")
+                        "(everything committed by it, maybe a few after); a hand-off refuses an LSN more than "
+                        "16 MB of WAL behind the start of the run")
     p.add_argument("--poll-interval", type=float, default=None, help="poll mode: seconds between polls when no NOTIFY wakes us (default 0.1)")
     p.add_argument("--stale-threshold", type=float, default=None,
                    help="seconds after which a sequence hole held by a live transaction is logged (it is never skipped; default 3)")

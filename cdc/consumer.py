@@ -61,6 +61,10 @@ Mode = Literal["stream", "poll", "auto"]
 UNAVAILABLE = (WalLevelError, PluginMissingError, PluginNotAllowedError, ReplicationPrivilegeError)
 
 
+# How far behind the run's start an endpos may be and still be a hand-off's (see
+# _refuse_endpos_before): one WAL segment of the default size.
+ENDPOS_SLACK = 16 * 1024 * 1024
+
 # Seconds to wait for a slot held by another walsender before saying it is in use.
 SLOT_RELEASE_GRACE = 5.0
 
@@ -451,14 +455,19 @@ class Consumer:
 
     def _refuse_endpos_before(self, start: Lsn) -> None:
         """A hand-off replays every event committed before its slot's start, and the snapshot
-        has no commit LSNs to stop at an earlier one: an endpos already in the past when the run
-        started is refused rather than delivered past. One reached while the slot is being made
+        has no commit LSNs to stop at an earlier one: an endpos well before the run's start is
+        refused rather than delivered past. One reached while the slot is being made
         ends the run at the slot's start: everything committed by endpos, and maybe a few after
         (as on the poll path)."""
         assert self.endpos is not None
-        if self.endpos < start:
+        # A read writes WAL too (page pruning, hint bits), as do cdc's own bookkeeping and the
+        # server's snapshots: an endpos a script read a moment before the run is a little behind
+        # its start with no commit in between. Within one WAL segment it ends the run at the
+        # slot's start like a later one (maybe a few transactions past it, as documented).
+        if self.endpos + ENDPOS_SLACK < start:
             raise ConfigError(
-                f"--endpos {self.endpos} is before the start of this run (the WAL was at {start}), and "
+                f"--endpos {self.endpos} is more than 16 MB of WAL before the start of this run (the WAL "
+                f"was at {start}), and "
                 f"consumer {self.consumer!r} needs a new slot: its hand-off delivers everything committed "
                 f"up to the slot's start, so it cannot stop at {self.endpos}; give --endpos now, "
                 f"{start} or later, or none")

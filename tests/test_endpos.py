@@ -33,16 +33,30 @@ def test_a_new_consumer_refuses_an_endpos_already_past_and_leaves_nothing(dsn: s
     # The finding: a new consumer with --endpos 0/1 replayed every event and exited 0.
     _append(conn, "a", 5)
     past = wal_now(conn)
-    _append(conn, "b", 5)
+    for k in range(2):  # more than a WAL segment on: too far back to be "a moment before the run"
+        _append(conn, f"b{k}", 5)
+        conn.execute("SELECT pg_switch_wal()")
+    _append(conn, "c", 5)
     for end in ("0/1", str(past)):
         proc = cdc("run", "--dsn", dsn, "--consumer", "late", "--slot", "late", "--endpos", end)
         assert proc.returncode == 2, proc.stderr
         assert proc.stdout == "", "nothing may be delivered past the endpos"
         lines = proc.stderr.strip().splitlines()
         assert "Traceback" not in proc.stderr and lines[-1].startswith("cdc: error: "), proc.stderr
-        assert f"--endpos {end}" in lines[-1] and "--endpos now" in lines[-1], lines[-1]
+        assert f"--endpos {end} is more than" in lines[-1] and "--endpos now" in lines[-1], lines[-1]
     assert "late" not in slots(dsn), "a refused hand-off left its slot behind"
     assert conn.execute("SELECT count(*) FROM cdc.checkpoints WHERE consumer = 'late'").fetchone()[0] == 0
+
+
+def test_an_endpos_read_just_before_a_new_consumer_runs_is_its_hand_off(dsn: str, conn: psycopg.Connection) -> None:
+    # What a script does: read the WAL position, then start the run. Reads, the server and cdc
+    # itself write WAL in between; the run still ends, having delivered everything before.
+    _append(conn, "a", 5)
+    end = wal_now(conn)
+    conn.execute("SELECT pg_logical_emit_message(false, 'other', repeat('x', 100000))")  # WAL, no events
+    proc = cdc("run", "--dsn", dsn, "--consumer", "script", "--endpos", str(end))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_seqs(proc.stdout)) == sorted(committed_seqs(dsn))
 
 
 def test_endpos_now_catches_up_then_exits_on_the_hand_off_and_on_the_stream(dsn: str, conn: psycopg.Connection) -> None:

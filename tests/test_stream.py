@@ -228,6 +228,7 @@ def test_missing_events_table_names_cdc_setup(empty_dsn):
 
 
 def test_one_million_row_transaction_is_consumed_in_bounded_memory(dsn, conn, tmp_path):
+    prime(dsn, "big")  # the slot exists: the transaction comes from the stream, in chunks
     conn.execute("INSERT INTO cdc.events(stream_id, version, type, data) "
                  "SELECT 's', g, 'E', '{\"k\": 1}' FROM generate_series(1, 1000000) g")
     endpos = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
