@@ -235,6 +235,11 @@ class _Context:
             (t.schema, t.name),
         )
         if row is None or row[0] is None:
+            from .presets import candidates
+
+            found = candidates(self.conn, t) if t != DEFAULT_TABLE else []
+            if found:
+                missing_fix = f"tables with its columns: {', '.join(found[:5])}: give --table"
             return _fail("events_table", f"{t.qualified} does not exist", missing_fix)
         self.table_oid = int(row[0])  # type: ignore[call-overload]
         columns: dict[str, str] = dict(self.conn.execute(

@@ -342,10 +342,22 @@ def _settings(args: argparse.Namespace, *names: str) -> Any:
 
 
 def _table(args: argparse.Namespace, settings: Any | None = None) -> EventTable:
-    """The EventTable of the merged settings (`_table_opts`' flags over CDC_* and the file)."""
+    """The EventTable of the merged settings (`_table_opts`' flags over CDC_* and the file), a
+    preset's looked for in the database where it is not under its default name."""
+    import psycopg
+
+    from .connection import connect, resolve_dsn
     from .runner import table_for
 
-    return table_for(settings if settings is not None else _settings(args))
+    settings = settings if settings is not None else _settings(args)
+    if settings.preset not in ("marten", "eventsourcing") or settings.table is not None:
+        return table_for(settings)
+    try:
+        conn = connect(resolve_dsn(settings.dsn), autocommit=True)
+    except (CdcError, psycopg.Error):
+        return table_for(settings)  # the command itself says what is wrong with the connection
+    with conn:
+        return table_for(settings, conn)
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -40,10 +40,15 @@ wal2json 2.5 sends uuid and varchar values as JSON strings, timestamptz as
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+
+import psycopg
 
 from .errors import ConfigError
 from .store import DEFAULT_TABLE, EventTable
+
+log = logging.getLogger("cdc.presets")
 
 PRESETS = ("cdc", "marten", "eventsourcing")
 
@@ -166,6 +171,44 @@ def table_for(
     # of your own may carry columns we do not read.
     is_strict = strict if strict is not None else (base.strict and result == base)
     return replace(result, strict=is_strict)
+
+
+def candidates(conn: psycopg.Connection, table: EventTable) -> list[str]:
+    """The tables of this database that have the mapping's seq, stream, version, type and data
+    columns: where a preset's table lives under another name or schema (the eventsourcing
+    library names it `<application name>_events`; Marten puts `mt_events` in its own schema).
+    Read from the catalogs, which every role may read."""
+    cols = [c for c in (table.seq, table.stream_id, table.version, table.type, table.data) if c]
+    rows = conn.execute(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_' "
+        "AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 "
+        "     AND NOT a.attisdropped AND a.attname = ANY(%s)) = %s "
+        "ORDER BY 1", (cols, len(cols))).fetchall()
+    return [r[0] for r in rows]
+
+
+def find_table(conn: psycopg.Connection, table: EventTable, preset: str | None) -> EventTable:
+    """A preset's table where it really is: the preset's own name if it exists, else the one
+    table with its columns; several are listed for the user to choose with --table."""
+    if preset not in ("marten", "eventsourcing"):
+        return table
+    row = conn.execute(
+        "SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (table.schema, table.name)).fetchone()
+    if row is not None:
+        return table
+    found = candidates(conn, table)
+    if len(found) > 1:
+        raise ConfigError(f"preset {preset}: {table.qualified} does not exist, and {len(found)} tables have its "
+                          f"columns ({', '.join(found)}): give --table with the one to read")
+    if not found:
+        return table
+    schema, name = parse_table_name(found[0])
+    log.info("preset %s: %s does not exist; reading %s, the one table with its columns", preset, table.qualified,
+             found[0])
+    return replace(table, schema=schema or "public", name=name)
 
 
 def columns_from(settings: object) -> dict[str, str | None]:

@@ -27,19 +27,23 @@ from .store import DEFAULT_TABLE, EventTable
 log = logging.getLogger("cdc.run")
 
 
-def table_for(settings: Settings) -> EventTable:
+def table_for(settings: Settings, conn: psycopg.Connection | None = None) -> EventTable:
     """The events table the settings name: a preset (default cdc.events), with --table and
-    the column settings mapped over it (see presets.py)."""
-    from .presets import columns_from
+    the column settings mapped over it (see presets.py). With `conn`, a preset's table that is
+    not under its default name is looked for (presets.find_table)."""
+    from .presets import columns_from, find_table
     from .presets import table_for as preset_table
 
     columns = columns_from(settings)
     if (settings.preset in (None, "cdc") and settings.table is None and settings.data_encoding is None
             and settings.metadata_encoding is None and not any(v is not None for v in columns.values())):
         return DEFAULT_TABLE
-    return preset_table(settings.preset, settings.table, data_encoding=settings.data_encoding,
-                        metadata_encoding=settings.metadata_encoding,
-                        **cast(dict[str, Any], columns))  # str | None each; mypy would match them to `strict`
+    table = preset_table(settings.preset, settings.table, data_encoding=settings.data_encoding,
+                         metadata_encoding=settings.metadata_encoding,
+                         **cast(dict[str, Any], columns))  # str | None each; mypy would match them to `strict`
+    if conn is not None and settings.table is None:
+        table = find_table(conn, table, settings.preset)
+    return table
 
 
 class Redeliver(Exception):
@@ -249,7 +253,7 @@ def run(settings: Settings) -> int:
         while True:
             sink = None
             try:
-                started = _wal_now(dsn)  # before the sink's set-up and the helpers write anything
+                started, table = _at_start(dsn, settings)  # before the sink's set-up and the helpers write
                 sink, projection_conn = _open_sink(settings, dsn, stop)
                 consumer = Consumer(
                     dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
@@ -409,10 +413,11 @@ def _endpos(value: str | None) -> Lsn | Literal["now"] | None:
     return "now" if value == "now" else Lsn.parse(value)
 
 
-def _wal_now(dsn: str) -> Lsn:
+def _at_start(dsn: str, settings: Settings) -> tuple[Lsn, EventTable]:
+    """Where the WAL is as the run starts, and the events table where the preset's really is."""
     from .connection import connect
     from .polling import WAL_NOW
 
     with connect(dsn, autocommit=True) as conn:
         row = conn.execute(WAL_NOW).fetchone()
-    return Lsn.parse(row[0]) if row and row[0] else Lsn(0)
+        return Lsn.parse(row[0]) if row and row[0] else Lsn(0), table_for(settings, conn)

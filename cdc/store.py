@@ -196,7 +196,12 @@ def require_table(conn: psycopg.Connection, table: EventTable = DEFAULT_TABLE) -
     """Raise EventsTableMissingError unless the events table exists."""
     row = conn.execute("SELECT to_regclass(%s)", (table.qualified,)).fetchone()
     if row is None or row[0] is None:
+        from .presets import candidates
+
         hint = "run `cdc setup`" if table == DEFAULT_TABLE else "check --table / the preset"
+        found = candidates(conn, table) if table != DEFAULT_TABLE else []
+        if found:
+            hint = f"tables with its columns: {', '.join(found[:5])}: give --table"
         raise EventsTableMissingError(f"events table {table.qualified} does not exist: {hint}")
 
 
