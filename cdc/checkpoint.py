@@ -18,13 +18,16 @@ import hashlib
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 
+import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
 from .errors import CdcError, ConfigError
 from .events import Lsn, Transaction
+from .store import EventTable
 
 DEFAULT_CONSUMER = "default"
 LEGACY_SLOT = "cdc"  # every consumer's default slot before slots were per consumer
@@ -54,11 +57,30 @@ class Position:
         return seq <= self.seq or seq in self.seqs_above
 
 
+def mapping_json(table: EventTable) -> str:
+    """The table mapping as saved with a consumer's checkpoint."""
+    return orjson.dumps(asdict(table)).decode()
+
+
+def saved_mapping(conn: psycopg.Connection, consumer: str) -> EventTable | None:
+    """The table mapping `consumer` last ran with, if it recorded one."""
+    try:
+        row = conn.execute("SELECT mapping::text FROM cdc.checkpoints WHERE consumer = %s", (consumer,)).fetchone()
+    except psycopg.Error:  # no schema, an older one, no grant: the command itself says so
+        return None
+    if row is None or row[0] is None:
+        return None
+    fields = orjson.loads(row[0])
+    known = {f.name for f in dataclass_fields(EventTable)}
+    return EventTable(**{k: v for k, v in fields.items() if k in known})
+
+
 _SAVE = """
-INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, slot, updated_at)
-VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, %(slot)s, now())
+INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, slot, mapping, updated_at)
+VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, %(slot)s, %(mapping)s::jsonb, now())
 ON CONFLICT (consumer) DO UPDATE SET
     slot = coalesce(excluded.slot, c.slot),
+    mapping = coalesce(excluded.mapping, c.mapping),
     lsn = greatest(c.lsn, excluded.lsn),
     seqs_above = CASE WHEN excluded.seq > c.seq THEN excluded.seqs_above
                       WHEN excluded.seq = c.seq THEN ARRAY(SELECT DISTINCT unnest(c.seqs_above || excluded.seqs_above) ORDER BY 1)
@@ -75,31 +97,32 @@ class Checkpoints:
         self.pool = pool
         self.consumer = consumer
         self.slot: str | None = None  # recorded with each save once the stream claimed it
+        self.mapping: str | None = None  # the table mapping as JSON, recorded with each save
 
     def load(self) -> Position | None:
         with self.pool.connection() as conn:
+            try:
+                conn.execute("SELECT slot, mapping FROM cdc.checkpoints LIMIT 0")
+            except psycopg.errors.UndefinedColumn:
+                raise CdcError("cdc.checkpoints lacks the slot and mapping columns (a schema from an earlier "
+                               "cdc): run `cdc setup` as the owner of schema cdc to upgrade it") from None
             return load(conn, self.consumer)
 
     def save(self, position: Position, *, conn: psycopg.Connection | None = None) -> None:
         """Save `position`. With `conn`, inside that connection's current transaction (the
         projection handler's), so the handler's writes and the position commit together."""
         if conn is not None:
-            save(conn, self.consumer, position, self.slot)
+            save(conn, self.consumer, position, self.slot, self.mapping)
             return
         with self.pool.connection() as c:
-            save(c, self.consumer, position, self.slot)
+            save(c, self.consumer, position, self.slot, self.mapping)
 
     def claim(self, slot: str) -> str | None:
         """Refuse a slot another consumer's checkpoint records; else return the slot this
         consumer last read (None if it never recorded one), and record `slot` from the next save."""
         with self.pool.connection() as conn:
-            try:
-                rows = conn.execute(
-                    "SELECT consumer, slot FROM cdc.checkpoints WHERE slot = %s OR consumer = %s",
-                    (slot, self.consumer)).fetchall()
-            except psycopg.errors.UndefinedColumn:
-                raise CdcError("cdc.checkpoints has no slot column (a schema from an earlier cdc): run "
-                               "`cdc setup` as the owner of schema cdc to upgrade it") from None
+            rows = conn.execute("SELECT consumer, slot FROM cdc.checkpoints WHERE slot = %s OR consumer = %s",
+                                (slot, self.consumer)).fetchall()
         others = sorted(r[0] for r in rows if r[0] != self.consumer)
         if others:
             raise ConfigError(
@@ -124,7 +147,8 @@ def load(conn: psycopg.Connection, consumer: str) -> Position | None:
     return Position(Lsn.parse(row[0]) if row[0] else None, int(row[1]), frozenset(row[2] or ()))
 
 
-def save(conn: psycopg.Connection, consumer: str, position: Position, slot: str | None = None) -> None:
+def save(conn: psycopg.Connection, consumer: str, position: Position, slot: str | None = None,
+         mapping: str | None = None) -> None:
     conn.execute(
         _SAVE,
         {
@@ -133,6 +157,7 @@ def save(conn: psycopg.Connection, consumer: str, position: Position, slot: str 
             "seq": position.seq,
             "above": sorted(position.seqs_above),
             "slot": slot,
+            "mapping": mapping,
         },
     )
 

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-seq", type=int, required=True, help="first seq to replay (inclusive; 1 for everything)")
     p.add_argument("--to-seq", type=int, default=None, help="last seq to replay (inclusive; default: the current proven high-water mark)")
     p.add_argument("--sink", default=None, help="stdout (default), null or jsonl:PATH")
+    p.add_argument("--consumer", default=None,
+                   help="read the table with the mapping this consumer last ran with, when no --preset, --table "
+                        "or column is given (default 'default')")
     p.add_argument("--config", help="TOML file with settings, as for `cdc run` (the table mapping, sink, dsn)")
 
     p = sub.add_parser("reconcile", help="check what a consumer was delivered against the table", formatter_class=_Formatter)
@@ -341,22 +344,33 @@ def _settings(args: argparse.Namespace, *names: str) -> Any:
     return config.load(flags, getattr(args, "config", None))
 
 
-def _table(args: argparse.Namespace, settings: Any | None = None) -> EventTable:
+def _table(args: argparse.Namespace, settings: Any | None = None, *, as_consumer: bool = False) -> EventTable:
     """The EventTable of the merged settings (`_table_opts`' flags over CDC_* and the file), a
-    preset's looked for in the database where it is not under its default name."""
+    preset's looked for in the database where it is not under its default name. `as_consumer`
+    (replay, reconcile): with no mapping given at all, the one the consumer last ran with."""
     import psycopg
 
+    from .checkpoint import saved_mapping
     from .connection import connect, resolve_dsn
-    from .runner import table_for
+    from .runner import mapping_given, table_for
 
     settings = settings if settings is not None else _settings(args)
-    if settings.preset not in ("marten", "eventsourcing") or settings.table is not None:
+    given = mapping_given(settings)
+    discover = settings.preset in ("marten", "eventsourcing") and settings.table is None
+    if not discover and not (as_consumer and not given):
         return table_for(settings)
     try:
         conn = connect(resolve_dsn(settings.dsn), autocommit=True)
     except (CdcError, psycopg.Error):
         return table_for(settings)  # the command itself says what is wrong with the connection
     with conn:
+        if as_consumer and not given:
+            saved = saved_mapping(conn, settings.consumer)
+            if saved is not None:
+                if saved != table_for(settings):
+                    log.info("reading %s with the mapping consumer %s ran with (give --preset or --table for "
+                             "another)", saved.qualified, settings.consumer)
+                return saved
         return table_for(settings, conn)
 
 
@@ -365,7 +379,7 @@ def _replay(args: argparse.Namespace) -> int:
     from .polling import replay
     from .sinks import open_sink
 
-    settings = _settings(args, "sink")
+    settings = _settings(args, "sink", "consumer")
     if settings.sink.startswith(("webhook:", "python:")):
         raise ConfigError("replay writes to stdout, null or jsonl:PATH")
     if args.from_seq < 1:
@@ -374,7 +388,7 @@ def _replay(args: argparse.Namespace) -> int:
         raise ConfigError(f"--from-seq {args.from_seq} is above --to-seq {args.to_seq}: nothing to replay; "
                           "swap them")
     dsn = resolve_dsn(settings.dsn)
-    table = _table(args, settings)
+    table = _table(args, settings, as_consumer=True)
     sink = open_sink(settings.sink)
     pool = open_pool(dsn, name="cdc-replay")
     try:
@@ -392,7 +406,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     settings = _settings(args, "consumer", "stale_threshold")
     code, out = run_cli(resolve_dsn(settings.dsn), settings.consumer, args.json, since=args.since,
-                        stale_threshold=settings.stale_threshold, table=_table(args, settings))
+                        stale_threshold=settings.stale_threshold, table=_table(args, settings, as_consumer=True))
     (sys.stderr if code == 2 and not args.json else sys.stdout).write(out)
     return code
 

@@ -30,7 +30,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import metrics
-from .checkpoint import LEGACY_SLOT, Checkpoints, Position, default_slot
+from .checkpoint import LEGACY_SLOT, Checkpoints, Position, default_slot, mapping_json
 from .connection import describe, mask, open_pool, resolve_dsn
 from .decoding import DEFAULT_CHUNK_EVENTS, PLUGIN_OPTIONS, Decoder
 from .errors import (
@@ -153,6 +153,7 @@ class Consumer:
         # walsender, and a server shutting down refuses new connections until it is down.
         self.pool = pool if pool is not None else open_pool(self.dsn, name=f"cdc-{consumer}", timeout=5.0)
         self.checkpoints = Checkpoints(self.pool, consumer)
+        self.checkpoints.mapping = mapping_json(table)
         self.deliveries = None
         if record_deliveries:
             from .reconcile import DeliveryLog

@@ -16,7 +16,7 @@ import psycopg
 from . import metrics
 from .checkpoint import Projection
 from .config import Settings
-from .connection import connect, resolve_dsn, server_not_ready
+from .connection import connect, conninfo_user, resolve_dsn, server_not_ready
 from .consumer import Consumer
 from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction, wire_records
@@ -27,6 +27,16 @@ from .store import DEFAULT_TABLE, EventTable
 log = logging.getLogger("cdc.run")
 
 
+def mapping_given(settings: Settings) -> bool:
+    """Whether the settings name a table mapping at all (a preset other than cdc, a table, a
+    column or an encoding), rather than leaving the default."""
+    from .presets import columns_from
+
+    return not (settings.preset in (None, "cdc") and settings.table is None and settings.data_encoding is None
+                and settings.metadata_encoding is None
+                and not any(v is not None for v in columns_from(settings).values()))
+
+
 def table_for(settings: Settings, conn: psycopg.Connection | None = None) -> EventTable:
     """The events table the settings name: a preset (default cdc.events), with --table and
     the column settings mapped over it (see presets.py). With `conn`, a preset's table that is
@@ -35,8 +45,7 @@ def table_for(settings: Settings, conn: psycopg.Connection | None = None) -> Eve
     from .presets import table_for as preset_table
 
     columns = columns_from(settings)
-    if (settings.preset in (None, "cdc") and settings.table is None and settings.data_encoding is None
-            and settings.metadata_encoding is None and not any(v is not None for v in columns.values())):
+    if not mapping_given(settings):
         return DEFAULT_TABLE
     table = preset_table(settings.preset, settings.table, data_encoding=settings.data_encoding,
                          metadata_encoding=settings.metadata_encoding,
@@ -202,8 +211,10 @@ class Heartbeat(Periodic):
             self._conn = connect(self.dsn, autocommit=True)
         try:
             self._conn.execute("SELECT pg_logical_emit_message(true, 'cdc', %s)", (f"heartbeat {time.time():.6f}",))
-        except psycopg.Error:
+        except psycopg.Error as err:
             self._conn = None
+            raise CdcError(f"could not write a heartbeat as role {conninfo_user(self.dsn)}: {_one_line(err)} "
+                           "(an idle slot then holds WAL; --heartbeat-interval 0 turns heartbeats off)") from None
             raise
 
 

@@ -47,12 +47,17 @@ CREATE TABLE IF NOT EXISTS cdc.checkpoints (
     seqs_above bigint[]    NOT NULL DEFAULT '{}',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
--- The slot the consumer streams from: another consumer may not read it (checkpoint.py). Added
--- only where missing, so that a role that does not own the table can run setup again.
+-- The slot the consumer streams from (another consumer may not read it), and the table mapping
+-- it ran with (replay and reconcile use it unless told otherwise): checkpoint.py. Added only
+-- where missing, so that a role that does not own the table can run setup again.
 DO $$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'cdc.checkpoints'::regclass
                    AND attname = 'slot' AND NOT attisdropped) THEN
         ALTER TABLE cdc.checkpoints ADD COLUMN slot text;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'cdc.checkpoints'::regclass
+                   AND attname = 'mapping' AND NOT attisdropped) THEN
+        ALTER TABLE cdc.checkpoints ADD COLUMN mapping jsonb;
     END IF;
 END $$;
 -- Transactions a consumer gave up on (poison), kept with the error instead of dropped.

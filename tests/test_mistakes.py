@@ -176,6 +176,43 @@ def test_a_role_without_grants_meets_one_line_naming_the_grant_on_every_command(
 # -- least privilege --------------------------------------------------------------------------------
 
 
+def test_heartbeats_need_no_grant_beyond_login(dsn: str, conn: psycopg.Connection) -> None:
+    # pg_logical_emit_message is executable by any role: a role with only the documented grants
+    # moves its idle slot with heartbeats, and a failing heartbeat is logged, never silent.
+    import signal
+    import time
+
+    role = f"hb_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    try:
+        assert cdc("setup", "--dsn", dsn, "--grant", role).returncode == 0
+        as_role = conninfo.make_conninfo(dsn, user=role)
+        proc = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", as_role, "--sink", "null",
+                                 "--heartbeat-interval", "0.2", "--status-interval", "0.5"],
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            def flushed() -> int | None:
+                row = conn.execute("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots "
+                                   "WHERE slot_name = 'cdc' AND active_pid IS NOT NULL").fetchone()
+                return int(row[0]) if row else None
+
+            deadline = time.monotonic() + 30
+            while flushed() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            start = flushed()
+            assert start is not None, "the run never streamed"
+            while (flushed() or 0) <= start and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (flushed() or 0) > start, "no heartbeat moved the idle slot"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "heartbeat" not in err, err
+    finally:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+
+
 def test_a_role_with_exactly_the_documented_grants_runs_every_command(dsn: str, conn: psycopg.Connection,
                                                                       tmp_path: Path) -> None:
     from cdc.grants import grant_sql

@@ -44,6 +44,14 @@ def test_the_one_eventsourcing_table_is_found_by_every_command(empty_dsn: str, q
     assert replay.returncode == 0 and _data(replay.stdout) == _data(run.stdout), replay.stderr
     reconcile = cdc("reconcile", "--dsn", empty_dsn, "--preset", "eventsourcing")
     assert reconcile.returncode == 0 and "AGREE" in reconcile.stdout, reconcile.stdout + reconcile.stderr
+    # Not told again: replay and reconcile use the mapping the consumer ran with.
+    replay = cdc("replay", "--dsn", empty_dsn, "--from-seq", "1")
+    assert replay.returncode == 0 and _data(replay.stdout) == _data(run.stdout), replay.stderr
+    assert f"reading {qualified} with the mapping consumer default ran with" in replay.stderr, replay.stderr
+    reconcile = cdc("reconcile", "--dsn", empty_dsn)
+    assert reconcile.returncode == 0 and "AGREE" in reconcile.stdout, reconcile.stdout + reconcile.stderr
+    other = cdc("replay", "--dsn", empty_dsn, "--from-seq", "1", "--consumer", "nobody")
+    assert other.returncode == 0 and other.stdout == "", "another consumer's mapping is not this one's"
 
 
 def test_several_candidate_tables_are_listed_for_the_user_to_choose(empty_dsn: str) -> None:
