@@ -240,6 +240,20 @@ def test_a_role_with_exactly_the_documented_grants_runs_every_command(dsn: str, 
         assert recon.returncode == 0, recon.stdout + recon.stderr
         replay = cdc("replay", "--dsn", as_role, "--from-seq", "1", "--sink", "null")
         assert replay.returncode == 0, replay.stderr
+        # Poll, auto and a standby, each as its own consumer, with the same grants.
+        for extra in (["--mode", "poll", "--consumer", "lp"], ["--mode", "auto", "--consumer", "la"],
+                      ["--standby", "--consumer", "ls"]):
+            other = cdc("run", "--dsn", as_role, "--sink", f"jsonl:{tmp_path / extra[-1]}", "--endpos", "now", *extra)
+            assert other.returncode == 0, (extra, other.stderr)
+            assert len((tmp_path / extra[-1]).read_text().splitlines()) == 7, extra
+        from .test_sidecar import Receiver
+
+        rx = Receiver()
+        try:
+            hook = cdc("run", "--dsn", as_role, "--sink", f"webhook:{rx.url}", "--consumer", "lw", "--endpos", "now")
+            assert hook.returncode == 0 and len(rx.seqs()) == 7, hook.stderr
+        finally:
+            rx.close()
         # A handler that fails: the transaction goes to cdc.dead_letters.
         (tmp_path / "failing.py").write_text("def handle(conn, tx):\n    raise ValueError('no')\n")
         add_events(conn, 1)
