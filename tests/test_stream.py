@@ -245,6 +245,5 @@ def test_one_million_row_transaction_is_consumed_in_bounded_memory(dsn, conn, tm
     n, rss_mb = map(int, out.stdout.split())
     assert n == 1_000_000
     print(f"peak RSS {rss_mb} MB")
-    # 58 MB alone, ~300 MB inside the full suite (not understood yet: see the notes); held whole
-    # the transaction takes over 1 GB.
+    # 58 MB alone, ~300 MB inside the full suite (not understood yet: see the notes).
     assert rss_mb < 500, f"peak RSS {rss_mb} MB"
