@@ -18,7 +18,7 @@ from psycopg import sql
 from .connection import connect, mask
 from .errors import CdcError
 from .grants import missing, quote_ident
-from .store import DEFAULT_TABLE, EventTable
+from .store import DEFAULT_TABLE, EventTable, table_oid
 
 DROP_LOST_SLOT = "drop it: cdc will recreate it and replay from the poller"
 
@@ -228,20 +228,12 @@ class _Context:
     def events_table(self) -> CheckResult:
         t = self.table
         missing_fix = "cdc setup" if t == DEFAULT_TABLE else "check --dsn (the right database?), --preset and --table"
-        # The catalogs, not to_regclass: a role without USAGE on the schema would see no table.
-        row = self._one(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-            (t.schema, t.name),
-        )
-        if row is None or row[0] is None:
-            from .presets import candidates
+        oid = table_oid(self.conn, t)
+        if oid is None:
+            from .presets import candidates_hint
 
-            found = candidates(self.conn, t) if t != DEFAULT_TABLE else []
-            if found:
-                missing_fix = f"tables with its columns: {', '.join(found[:5])}: give --table"
-            return _fail("events_table", f"{t.qualified} does not exist", missing_fix)
-        self.table_oid = int(row[0])  # type: ignore[call-overload]
+            return _fail("events_table", f"{t.qualified} does not exist", candidates_hint(self.conn, t) or missing_fix)
+        self.table_oid = oid
         columns: dict[str, str] = dict(self.conn.execute(
             "SELECT attname, atttypid::regtype::text FROM pg_attribute "
             "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",

@@ -352,11 +352,12 @@ def _table(args: argparse.Namespace, settings: Any | None = None, *, as_consumer
 
     from .checkpoint import saved_mapping
     from .connection import connect, resolve_dsn
+    from .presets import DISCOVERABLE
     from .runner import mapping_given, table_for
 
     settings = settings if settings is not None else _settings(args)
     given = mapping_given(settings)
-    discover = settings.preset in ("marten", "eventsourcing") and settings.table is None
+    discover = settings.preset in DISCOVERABLE and settings.table is None
     if not discover and not (as_consumer and not given):
         return table_for(settings)
     try:

@@ -46,11 +46,13 @@ from dataclasses import replace
 import psycopg
 
 from .errors import ConfigError
-from .store import DEFAULT_TABLE, EventTable
+from .store import DEFAULT_TABLE, EventTable, table_oid
 
 log = logging.getLogger("cdc.presets")
 
 PRESETS = ("cdc", "marten", "eventsourcing")
+# The presets whose table find_table looks for when it is not under its default name.
+DISCOVERABLE = ("marten", "eventsourcing")
 
 MARTEN = EventTable(
     schema="public", name="mt_events", seq="seq_id", stream_id="stream_id", version="version",
@@ -189,15 +191,16 @@ def candidates(conn: psycopg.Connection, table: EventTable) -> list[str]:
     return [r[0] for r in rows]
 
 
+def candidates_hint(conn: psycopg.Connection, table: EventTable) -> str | None:
+    """For a mapped table that does not exist: the tables that have its columns, as a fix."""
+    found = candidates(conn, table) if table != DEFAULT_TABLE else []
+    return f"tables with its columns: {', '.join(found[:5])}: give --table" if found else None
+
+
 def find_table(conn: psycopg.Connection, table: EventTable, preset: str | None) -> EventTable:
     """A preset's table where it really is: the preset's own name if it exists, else the one
     table with its columns; several are listed for the user to choose with --table."""
-    if preset not in ("marten", "eventsourcing"):
-        return table
-    row = conn.execute(
-        "SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (table.schema, table.name)).fetchone()
-    if row is not None:
+    if preset not in DISCOVERABLE or table_oid(conn, table) is not None:
         return table
     found = candidates(conn, table)
     if len(found) > 1:

@@ -215,7 +215,6 @@ class Heartbeat(Periodic):
             self._conn = None
             raise CdcError(f"could not write a heartbeat as role {conninfo_user(self.dsn)}: {_one_line(err)} "
                            "(an idle slot then holds WAL; --heartbeat-interval 0 turns heartbeats off)") from None
-            raise
 
 
 def pruner(consumer: Consumer, retention_seconds: float, every: float = 60.0) -> Periodic:
@@ -264,7 +263,7 @@ def run(settings: Settings) -> int:
         while True:
             sink = None
             try:
-                started, table = _at_start(dsn, settings)  # before the sink's set-up and the helpers write
+                started, table = _at_start(dsn, settings, table)  # before the sink's set-up and helpers write
                 sink, projection_conn = _open_sink(settings, dsn, stop)
                 consumer = Consumer(
                     dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
@@ -424,11 +423,13 @@ def _endpos(value: str | None) -> Lsn | Literal["now"] | None:
     return "now" if value == "now" else Lsn.parse(value)
 
 
-def _at_start(dsn: str, settings: Settings) -> tuple[Lsn, EventTable]:
-    """Where the WAL is as the run starts, and the events table where the preset's really is."""
-    from .connection import connect
+def _at_start(dsn: str, settings: Settings, table: EventTable) -> tuple[Lsn, EventTable]:
+    """Where the WAL is as the run starts, and `table` where the preset's really is."""
     from .polling import WAL_NOW
+    from .presets import find_table
 
     with connect(dsn, autocommit=True) as conn:
         row = conn.execute(WAL_NOW).fetchone()
-        return Lsn.parse(row[0]) if row and row[0] else Lsn(0), table_for(settings, conn)
+        if settings.table is None:
+            table = find_table(conn, table, settings.preset)
+        return Lsn.parse(row[0]) if row and row[0] else Lsn(0), table

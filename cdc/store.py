@@ -201,13 +201,20 @@ def require_table(conn: psycopg.Connection, table: EventTable = DEFAULT_TABLE) -
     """Raise EventsTableMissingError unless the events table exists."""
     row = conn.execute("SELECT to_regclass(%s)", (table.qualified,)).fetchone()
     if row is None or row[0] is None:
-        from .presets import candidates
+        from .presets import candidates_hint
 
         hint = "run `cdc setup`" if table == DEFAULT_TABLE else "check --table / the preset"
-        found = candidates(conn, table) if table != DEFAULT_TABLE else []
-        if found:
-            hint = f"tables with its columns: {', '.join(found[:5])}: give --table"
-        raise EventsTableMissingError(f"events table {table.qualified} does not exist: {hint}")
+        raise EventsTableMissingError(
+            f"events table {table.qualified} does not exist: {candidates_hint(conn, table) or hint}")
+
+
+def table_oid(conn: psycopg.Connection, table: EventTable) -> int | None:
+    """The table's oid, from the catalogs rather than to_regclass: a role without USAGE on the
+    schema would see no table."""
+    row = conn.execute(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (table.schema, table.name)).fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else None
 
 
 @dataclass(frozen=True)
