@@ -6,10 +6,12 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import orjson
 import psycopg
 
-from cdc import Consumer, Lsn, Transaction
+from cdc import Consumer, Lsn, Transaction, store
 
 
 class Rollback(Exception):
@@ -118,6 +120,19 @@ class Collector:
         self.consumer.close()
         if self.error:
             raise self.error
+
+
+def append_events(conn: psycopg.Connection, stream: str, n: int = 2) -> None:
+    """Append `n` events to a new stream, as the application would."""
+    store.append(conn, stream, [store.NewEvent("E", {"i": i}) for i in range(n)], expected_version=0)
+
+
+def jsonl_seqs(out: Path | str) -> list[int]:
+    """The seqs of a jsonl sink's file (none if it is not there yet) or of stdout's text."""
+    if isinstance(out, Path) and not out.exists():
+        return []
+    text = out.read_bytes() if isinstance(out, Path) else out.encode()
+    return [orjson.loads(line)["seq"] for line in text.splitlines()]
 
 
 def wal_now(conn: psycopg.Connection) -> Lsn:

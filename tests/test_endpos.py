@@ -5,28 +5,19 @@ every transaction committed by it is delivered; an LSN a hand-off cannot honour 
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-import orjson
 import psycopg
 
-from cdc import Consumer, store
+from cdc import Consumer
 
+from .support import append_events as _append
 from .support import committed_seqs, wal_now
+from .support import jsonl_seqs as _seqs
 from .test_mistakes import cdc, slots
-
-
-def _append(conn: psycopg.Connection, stream: str, n: int) -> None:
-    store.append(conn, stream, [store.NewEvent("E", {"i": i}) for i in range(n)], expected_version=0)
-
-
-def _seqs(out: Path | str) -> list[int]:
-    if isinstance(out, Path) and not out.exists():
-        return []
-    text = out.read_bytes() if isinstance(out, Path) else out.encode()
-    return [orjson.loads(line)["seq"] for line in text.splitlines()]
 
 
 def test_a_new_consumer_refuses_an_endpos_already_past_and_leaves_nothing(dsn: str, conn: psycopg.Connection) -> None:
@@ -82,7 +73,7 @@ def test_poll_endpos_waits_for_a_transaction_holding_a_seq_then_stops(dsn: str, 
     end = wal_now(conn)
     out = tmp_path / "poll.jsonl"
     proc = subprocess.Popen(
-        [*cdc_argv(), "run", "--dsn", dsn, "--mode", "poll", "--consumer", "p", "--sink", f"jsonl:{out}",
+        [sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--mode", "poll", "--consumer", "p", "--sink", f"jsonl:{out}",
          "--endpos", str(end)], stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(2.0)
@@ -128,9 +119,3 @@ def test_poll_endpos_stops_while_writers_go_on(dsn: str, conn: psycopg.Connectio
         writer.join()
     assert before <= set(got), f"missing {sorted(before - set(got))[:10]}"
     assert got == sorted(got) and len(got) == len(set(got))
-
-
-def cdc_argv() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "cdc"]

@@ -7,22 +7,15 @@ from __future__ import annotations
 import logging
 import re
 
-import orjson
 import psycopg
 import pytest
 
-from cdc import Consumer, store
+from cdc import Consumer
 from cdc.checkpoint import default_slot
 
+from .support import append_events as _append
+from .support import jsonl_seqs as _seqs
 from .test_mistakes import cdc, slots
-
-
-def _append(conn: psycopg.Connection, stream: str, n: int = 2) -> None:
-    store.append(conn, stream, [store.NewEvent("E", {"i": i}) for i in range(n)], expected_version=0)
-
-
-def _seqs(stdout: str) -> list[int]:
-    return [orjson.loads(line)["seq"] for line in stdout.splitlines()]
 
 
 @pytest.mark.parametrize("name", ["projector", "Billing-Projection", "billing_projection", "BILLING_projection",
