@@ -194,7 +194,7 @@ def test_heartbeats_need_no_grant_beyond_login(dsn: str, conn: psycopg.Connectio
             def flushed() -> int | None:
                 row = conn.execute("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots "
                                    "WHERE slot_name = 'cdc' AND active_pid IS NOT NULL").fetchone()
-                return int(row[0]) if row else None
+                return int(row[0]) if row and row[0] is not None else None  # NULL while being created
 
             deadline = time.monotonic() + 30
             while flushed() is None and time.monotonic() < deadline:

@@ -283,7 +283,8 @@ def test_heartbeats_advance_the_slot_while_the_events_table_is_idle(dsn, conn):
     proc = cdc_run(dsn, "--sink", "null", "--heartbeat-interval", "0.3", "--status-interval", "1")
     try:
         assert wait_for(lambda: conn.execute(
-            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='cdc' AND active_pid IS NOT NULL"
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name='cdc' AND active_pid IS NOT NULL"
+            " AND confirmed_flush_lsn IS NOT NULL"  # NULL while the slot is still being created
         ).fetchone() is not None, timeout=30)
 
         def flushed() -> int:
