@@ -120,7 +120,8 @@ class _Context:
                 ("replication_privilege", self.replication_privilege), ("wal2json", self.wal2json),
                 ("slot", self.slot_state), ("events_table", self.events_table),
                 ("select_privilege", self.select_privilege), ("events_seq", self.events_seq),
-                ("bookkeeping", self.bookkeeping), ("grants", self.grants)]
+                ("bookkeeping", self.bookkeeping), ("grants", self.grants),
+                ("inactive_slots", self.inactive_slots)]
 
     def server(self) -> CheckResult:
         row = self._one(
@@ -218,6 +219,9 @@ class _Context:
                          "use another --slot for this database")
         parts = [f"{name} exists", f"active pid {pid}" if pid else "inactive",
                  f"wal_status {wal_status}"]
+        owner = _slot_owners(self.conn).get(self.slot)
+        if owner is not None:
+            parts.append(f"recorded by consumer {owner}")
         if retained is not None:
             parts.append(f"retains {_size(int(retained))} of WAL")  # type: ignore[call-overload]
         detail = ", ".join(parts)
@@ -327,6 +331,28 @@ class _Context:
                      f"cdc setup (creates the cdc schema{mapped})")
 
 
+    def inactive_slots(self) -> CheckResult:
+        """Logical wal2json slots nobody reads now: each holds WAL on the server until it is
+        read or dropped. Informational (a consumer between runs has one too), so always OK; a
+        slot no consumer's checkpoint records is most likely left over."""
+        rows = self.conn.execute(
+            "SELECT slot_name, (pg_current_wal_lsn() - restart_lsn)::bigint, wal_status "
+            "FROM pg_replication_slots WHERE slot_type = 'logical' AND plugin = 'wal2json' "
+            "AND database = current_database() AND active_pid IS NULL AND NOT temporary ORDER BY slot_name"
+        ).fetchall()
+        if not rows:
+            return _ok("inactive_slots", "none: every wal2json slot in this database is being read")
+        owners = _slot_owners(self.conn)
+        parts = []
+        for name, retained, wal_status in rows:
+            owner = owners.get(name)
+            who = f"consumer {owner}" if owner else "no consumer records it"
+            held = _size(int(retained)) if retained is not None else "no"
+            drop = "SELECT pg_drop_replication_slot('{}')".format(str(name).replace("'", "''"))
+            parts.append(f"{name} ({who}, retains {held} of WAL, wal_status {wal_status}; drop: {drop})")
+        return _ok("inactive_slots", f"{len(rows)} not being read, holding WAL until read or dropped: "
+                   + "; ".join(parts))
+
     def grants(self) -> CheckResult:
         """Every grant the features need (see grants.py), so that passing here means `cdc run`
         with the same settings does not fail on a privilege."""
@@ -356,6 +382,16 @@ _PAYLOAD_TYPES = {
 }
 
 
+
+
+def _slot_owners(conn: psycopg.Connection) -> dict[str, str]:
+    """slot -> the consumer whose checkpoint records it, where cdc.checkpoints can be read."""
+    try:
+        with conn.transaction():
+            rows = conn.execute("SELECT slot, consumer FROM cdc.checkpoints WHERE slot IS NOT NULL").fetchall()
+    except psycopg.Error:  # no cdc setup yet, an old schema, or no SELECT on it
+        return {}
+    return {str(slot): str(consumer) for slot, consumer in rows}
 
 
 def _mapped_columns(t: EventTable) -> list[tuple[str, str]]:

@@ -75,10 +75,20 @@ def saved_mapping(conn: psycopg.Connection, consumer: str) -> EventTable | None:
     return EventTable(**{k: v for k, v in fields.items() if k in known})
 
 
+# A save by a consumer that does not record its deliveries opens an unrecorded window (from the
+# position before it) unless one is open; a recording run's start closes it (deliveries.py).
 _SAVE = """
-INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, slot, mapping, updated_at)
-VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, %(slot)s, %(mapping)s::jsonb, now())
+INSERT INTO cdc.checkpoints AS c (consumer, lsn, seq, seqs_above, slot, mapping, updated_at, unrecorded)
+VALUES (%(consumer)s, %(lsn)s::pg_lsn, %(seq)s, %(above)s, %(slot)s, %(mapping)s::jsonb, now(),
+        CASE WHEN %(recording)s THEN '[]'::jsonb ELSE jsonb_build_array(jsonb_build_object(
+            'from_lsn', NULL, 'from_seq', 0, 'from_seqs_above', '[]'::jsonb, 'started_at', now())) END)
 ON CONFLICT (consumer) DO UPDATE SET
+    unrecorded = CASE
+        WHEN %(recording)s OR (jsonb_array_length(c.unrecorded) > 0 AND NOT (c.unrecorded -> -1 ? 'to_seq'))
+        THEN c.unrecorded
+        ELSE c.unrecorded || jsonb_build_array(jsonb_build_object(
+            'from_lsn', c.lsn::text, 'from_seq', c.seq, 'from_seqs_above', to_jsonb(c.seqs_above),
+            'started_at', now())) END,
     slot = coalesce(excluded.slot, c.slot),
     mapping = coalesce(excluded.mapping, c.mapping),
     lsn = greatest(c.lsn, excluded.lsn),
@@ -98,13 +108,14 @@ class Checkpoints:
         self.consumer = consumer
         self.slot: str | None = None  # recorded with each save once the stream claimed it
         self.mapping: str | None = None  # the table mapping as JSON, recorded with each save
+        self.recording = False  # whether this run records its deliveries (reconcile's windows)
 
     def load(self) -> Position | None:
         with self.pool.connection() as conn:
             try:
-                conn.execute("SELECT slot, mapping FROM cdc.checkpoints LIMIT 0")
+                conn.execute("SELECT slot, mapping, unrecorded FROM cdc.checkpoints LIMIT 0")
             except psycopg.errors.UndefinedColumn:
-                raise CdcError("cdc.checkpoints lacks the slot and mapping columns (a schema from an earlier "
+                raise CdcError("cdc.checkpoints lacks the slot, mapping and unrecorded columns (a schema from an earlier "
                                "cdc): run `cdc setup` as the owner of schema cdc to upgrade it") from None
             return load(conn, self.consumer)
 
@@ -112,10 +123,10 @@ class Checkpoints:
         """Save `position`. With `conn`, inside that connection's current transaction (the
         projection handler's), so the handler's writes and the position commit together."""
         if conn is not None:
-            save(conn, self.consumer, position, self.slot, self.mapping)
+            save(conn, self.consumer, position, self.slot, self.mapping, self.recording)
             return
         with self.pool.connection() as c:
-            save(c, self.consumer, position, self.slot, self.mapping)
+            save(c, self.consumer, position, self.slot, self.mapping, self.recording)
 
     def claim(self, slot: str) -> str | None:
         """Refuse a slot another consumer's checkpoint records; else return the slot this
@@ -148,7 +159,7 @@ def load(conn: psycopg.Connection, consumer: str) -> Position | None:
 
 
 def save(conn: psycopg.Connection, consumer: str, position: Position, slot: str | None = None,
-         mapping: str | None = None) -> None:
+         mapping: str | None = None, recording: bool = False) -> None:
     conn.execute(
         _SAVE,
         {
@@ -158,6 +169,7 @@ def save(conn: psycopg.Connection, consumer: str, position: Position, slot: str 
             "above": sorted(position.seqs_above),
             "slot": slot,
             "mapping": mapping,
+            "recording": recording,
         },
     )
 

@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag inversions a Marten-style poller with this threshold (seconds, default 3) would have skipped")
     p.add_argument("--json", action="store_true", help="print one JSON document (findings name seq, stream_id, version, xid, LSNs)")
 
+    p = sub.add_parser("status", help="every consumer: checkpoint, slot, lag, last delivery, recording, mapping",
+                       formatter_class=_Formatter)
+    _common(p)
+    p.add_argument("--consumer", default=None, help="only this consumer (default: all in cdc.checkpoints)")
+    p.add_argument("--json", action="store_true", help='print one JSON document: {"consumers": [...]}')
+
     p = sub.add_parser("check", help="preflight: is this server ready for cdc? one line per check", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
@@ -223,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tune_gc()
     json_errors = (args.log_format or os.environ.get("CDC_LOG_FORMAT", "")).strip().lower() == "json"
-    setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile") else "info"))
+    setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile", "status") else "info"))
     try:
         return int(_dispatch(args) or 0)
     except CdcError as err:
@@ -281,6 +287,13 @@ def _silence_stdout() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
+    if cmd == "status":
+        from .connection import resolve_dsn
+        from .status import run_cli as status_cli
+
+        code, out = status_cli(resolve_dsn(args.dsn), as_json=args.json, consumer=args.consumer)
+        sys.stdout.write(out)
+        return code
     if cmd == "setup":
         from . import store
         from .connection import connect, describe, resolve_dsn

@@ -46,6 +46,7 @@ from .errors import (
     WalLevelError,
 )
 from .events import DecimalEvent, Event, Lsn, Transaction
+from .progress import Progress, counted
 from .replication import ReplicationStream
 from .store import DEFAULT_TABLE, EventTable, require_table
 
@@ -67,6 +68,9 @@ ENDPOS_SLACK = 16 * 1024 * 1024
 
 # Seconds to wait for a slot held by another walsender before saying it is in use.
 SLOT_RELEASE_GRACE = 5.0
+# A stream that starts this far (bytes of WAL) behind the WAL's position at the run's start is
+# catching up: /readyz says so until it is past that position. Less is a moment's reading.
+CATCH_UP_BYTES = 4 * 1024 * 1024
 
 # Handled transactions are kept for one pass of bookkeeping, up to this many events: beyond,
 # the pass runs early, so memory does not grow with throughput. The stream path settles after
@@ -154,12 +158,17 @@ class Consumer:
         self.pool = pool if pool is not None else open_pool(self.dsn, name=f"cdc-{consumer}", timeout=5.0)
         self.checkpoints = Checkpoints(self.pool, consumer)
         self.checkpoints.mapping = mapping_json(table)
+        self.checkpoints.recording = record_deliveries
         self.deliveries = None
         if record_deliveries:
-            from .reconcile import DeliveryLog
+            from .deliveries import DeliveryLog
 
             self.deliveries = DeliveryLog(self.pool, consumer)
         self._stop = False
+        self._feed: Generator[Transaction, None, None] | None = None  # the iteration under way
+        self._backlog_top = 0  # the highest seq of a poll catch-up's backlog
+        # A stream behind after downtime: (its start, the WAL at the run's start, its Progress).
+        self._catch_up: tuple[Lsn, Lsn, Progress] | None = None
         self._stream: ReplicationStream | None = None
         self._position = Position()
         self._watermark: SeqWatermark | None = None
@@ -190,7 +199,8 @@ class Consumer:
         self.close(ack_pending=exc_type is None)
 
     def __iter__(self) -> Iterator[Transaction]:
-        return self._run()
+        feed = self._feed = self._run()
+        return feed
 
     def ack(self, tx: Transaction) -> None:
         """Mark `tx` (and, on the stream, everything before it) as durably handled."""
@@ -249,6 +259,14 @@ class Consumer:
         except (psycopg.Error, ConnectError) as err:
             log.warning("could not save the final checkpoint: %s", mask(str(err)))
         finally:
+            feed, self._feed = self._feed, None
+            if feed is not None:
+                # Ended now, while its connections are open: an unfinished hand-off drops its
+                # slot (left to the garbage collector, it would find the pool closed).
+                try:
+                    feed.close()
+                except ValueError:  # close() called from inside the iteration: it ends on its own
+                    pass
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
@@ -258,7 +276,7 @@ class Consumer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def _run(self) -> Iterator[Transaction]:
+    def _run(self) -> Generator[Transaction, None, None]:
         attempt = 0
         poll_only = self.mode == "poll"
         loaded = False
@@ -318,16 +336,27 @@ class Consumer:
     def _load_position(self) -> None:
         from .polling import WAL_NOW
 
-        saved = self.checkpoints.load()
-        self._position = saved or Position()
+        self._position = self.checkpoints.load() or Position()
         if self._run_start is None:
             with self.pool.connection() as conn:
                 row = conn.execute(WAL_NOW).fetchone()
             self.mark_start(Lsn.parse(row[0]) if row and row[0] else Lsn(0))
-        self._acked_lsn = self._position.lsn
+        self._use_position(self._position)
+
+    def _use_position(self, position: Position) -> None:
         from .holes import SeqWatermark
 
-        self._watermark = SeqWatermark(table=self.table, position=self._position, stale_after=self.stale_after)
+        self._position = position
+        self._acked_lsn = position.lsn
+        self._watermark = SeqWatermark(table=self.table, position=position, stale_after=self.stale_after)
+
+    def _reload_position(self) -> None:
+        saved = self.checkpoints.load() or Position()
+        if saved.lsn != self._position.lsn or saved.seq != self._position.seq:
+            log.info("consumer %s: checkpoint moved from %s / seq %d to %s / seq %d since it was loaded; "
+                     "starting from the newer one", self.consumer, self._position.lsn, self._position.seq,
+                     saved.lsn, saved.seq)
+        self._use_position(saved)
 
     def _claim_slot(self) -> None:
         """One slot, one consumer: a slot another consumer's checkpoint records is refused
@@ -366,17 +395,34 @@ class Consumer:
         metrics.STATUS.connected = True
         self._claim_slot()
         info = rs.slot_info()
-        # A consumer restarted right after a kill -9 finds its old walsender still holding the
-        # slot for a moment (until the server notices the dead socket): give it a few seconds.
-        deadline = time.monotonic() + SLOT_RELEASE_GRACE
-        while info is not None and info.active_pid is not None and time.monotonic() < deadline and not self._stop:
-            time.sleep(0.25)
-            info = rs.slot_info()
+        held = info is not None and info.active_pid is not None
         if info is not None and info.active_pid is not None:
-            raise SlotInUseError(
-                f"slot {self.slot!r} is in use by another process (pid {info.active_pid}): stop it, "
-                "or run this one as a standby (--standby) or with another --slot"
-            )
+            # A consumer restarted right after a kill -9 finds its old walsender still holding the
+            # slot for a moment (until the server notices the dead socket): give it a few seconds.
+            holder = rs.holder(info.active_pid)
+            log.info("slot %s is held by %s: waiting up to %.0f s for it to be released",
+                     self.slot, holder, SLOT_RELEASE_GRACE)
+            deadline = time.monotonic() + SLOT_RELEASE_GRACE
+            while info is not None and info.active_pid is not None and time.monotonic() < deadline and not self._stop:
+                time.sleep(0.25)
+                info = rs.slot_info()
+            if info is not None and info.active_pid is not None:
+                raise SlotInUseError(
+                    f"slot {self.slot!r} is in use by another process ({holder}): stop it, "
+                    "or run this one as a standby (--standby) or with another --slot", holder
+                )
+        # The checkpoint as it is now that nobody holds the slot: one loaded before (at start, or
+        # while the slot's last holder was still acknowledging) is behind the slot, and starting
+        # from it would deliver what that holder had already acknowledged again. A holder saves
+        # its checkpoint before it acknowledges the slot, so this one covers the slot's position.
+        # Another process can only have moved it before this one handed anything over, or while
+        # this one waited for the slot; in the second case this one's own progress is saved
+        # first (saves merge: the newer position wins), then the merged one is read.
+        fresh = not (self.delivered_events or self._pending or self._handled_txs)
+        if held and not fresh:
+            self._checkpoint(final=True)
+        if fresh or held:
+            self._reload_position()
         saved = self._acked_lsn
         reason = None
         if info is None:
@@ -402,12 +448,40 @@ class Consumer:
         self.path = "stream"
         log.info("streaming from slot %s at %s on %s as consumer %s", self.slot, start,
                  describe(self.dsn), self.consumer)
-        yield from self._stream_loop(rs)
+        self._catch_up = None
+        if self._run_start is not None and int(self._run_start) - int(start) > CATCH_UP_BYTES:
+            # Behind after downtime: the WAL written since is a backlog until the stream is past it.
+            gap = int(self._run_start) - int(start)
+            log.info("stream catch-up: %s of WAL to read up to %s, where the WAL was when the run started",
+                     _mb(gap), self._run_start)
+            self._catch_up = (start, self._run_start, Progress("stream catch-up", log=log, bar=True, backlog=True))
+            metrics.STATUS.backlog_bytes = gap
+        try:
+            yield from self._stream_loop(rs)
+        finally:
+            self._end_catch_up()
+
+    def _catch_up_step(self) -> None:
+        """Once a loop: how far the stream is through the catch-up (by acknowledged position)."""
+        assert self._catch_up is not None
+        start, target, progress = self._catch_up
+        at = self._acked_lsn or start
+        if at >= target:
+            log.info("stream catch-up: done, %s delivered; streaming live", counted(self.delivered_events, "event"))
+            self._end_catch_up()
+            return
+        left = int(target) - int(at)
+        metrics.STATUS.backlog_bytes = left
+        progress.update(self.delivered_events, 1 - left / max(int(target) - int(start), 1))
+
+    def _end_catch_up(self) -> None:
+        if self._catch_up is not None:
+            self._catch_up[2].end()
+            self._catch_up = None
+            metrics.STATUS.backlog_bytes = None
 
     def _handoff(self, rs: ReplicationStream, reason: str, *, drop: bool) -> Generator[Transaction, None, Lsn | None]:
         """(Re)create the slot with an exported snapshot and replay what the position lacks."""
-        from .polling import read_snapshot
-
         if self.endpos is not None and self._run_start is not None:
             self._refuse_endpos_before(self._run_start)
         log.warning("%s: replaying from seq %d under a new slot snapshot, then streaming",
@@ -419,18 +493,52 @@ class Consumer:
         after = self._current_position()
         metrics.STATUS.set_path("poll")
         self.path = "poll"
+        progress: list[Progress] = []
+
+        def total(n: int) -> None:
+            # Until it is done, the consumer is behind by this many events: /readyz says so.
+            progress.append(Progress("hand-off replay", n, log=log, bar=True, backlog=True))
+            log.info("hand-off replay: %s to replay from the slot's snapshot", counted(n, "event"))
+
+        try:
+            finished = yield from self._replay_snapshot(rs, created.snapshot, after, progress, total)
+        finally:
+            if progress:
+                progress[0].end()
+        if not finished:
+            return None
+        self._acked_lsn = created.consistent_point
+        self._dirty = True
+        self._checkpoint(final=True)
+        log.info("hand-off: %s replayed from the snapshot; streaming from %s",
+                 counted(progress[0].done if progress else 0, "event"), created.consistent_point)
+        return created.consistent_point
+
+    def _replay_snapshot(self, rs: ReplicationStream, snapshot: str, after: Position,
+                         progress: list[Progress], total: Callable[[int], None]) -> Generator[Transaction, None, bool]:
+        """The hand-off's replay: True once all of it is handled, False when stopped midway."""
+        from .polling import read_snapshot
+
         count = 0
         try:
-            for tx in read_snapshot(self.dsn, created.snapshot, table=self.table, after=after, batch=5000,
-                                    event_class=self.event_class):
-                count += len(tx.events)
+            for tx in read_snapshot(self.dsn, snapshot, table=self.table, after=after, batch=5000,
+                                    event_class=self.event_class, on_total=total):
                 yield from self._hand_over(tx)
+                count += len(tx.events)
+                progress[0].update(count)
                 self._checkpoint()  # a long replay killed midway resumes from here, not from zero
                 if self._stop:
                     # Not finished: the consumer has no position at the slot's start, so the next
-                    # run repeats the hand-off from the seq position saved now.
+                    # run repeats the hand-off from the seq position saved now, under a slot of
+                    # its own: this one would only hold WAL until then.
                     self._checkpoint(final=True)
-                    return None
+                    self._drop_new_slot(rs, "stopped before its hand-off finished")
+                    return False
+        except GeneratorExit:
+            # The caller stopped iterating mid-replay (its handler or sink failed, or it broke
+            # out): as above, the next run hands over again under a new slot.
+            self._drop_new_slot(rs, "left before its hand-off finished")
+            raise
         except psycopg.errors.InvalidParameterValue as err:
             if "snapshot" not in str(err):
                 raise
@@ -444,15 +552,10 @@ class Consumer:
             # slot made for it, or it would hold WAL for nobody. Lost connections are retried,
             # and the retry drops and re-creates it anyway.
             if not isinstance(err, (ConnectionLostError, ConnectError, psycopg.OperationalError)):
-                self._drop_new_slot(rs)
+                self._drop_new_slot(rs, "its hand-off failed")
             raise
         self._ack_pending()
-        self._acked_lsn = created.consistent_point
-        self._dirty = True
-        self._checkpoint(final=True)
-        log.info("hand-off: %d events replayed from the snapshot; streaming from %s", count,
-                 created.consistent_point)
-        return created.consistent_point
+        return True
 
     def _refuse_endpos_before(self, start: Lsn) -> None:
         """A hand-off replays every event committed before its slot's start, and the snapshot
@@ -473,13 +576,20 @@ class Consumer:
                 f"up to the slot's start, so it cannot stop at {self.endpos}; give --endpos now, "
                 f"{start} or later, or none")
 
-    def _drop_new_slot(self, rs: ReplicationStream) -> None:
+    def _drop_new_slot(self, rs: ReplicationStream, why: str) -> None:
+        """Every slot a run creates and does not go on to use is dropped: left, it would hold WAL
+        for nobody (and a few such runs use up max_replication_slots)."""
         try:
-            rs.drop_slot()
-            log.info("dropped slot %s, created for a hand-off that failed", self.slot)
+            if rs.conn is not None:
+                rs.drop_slot()
+            else:  # its connection is closed already: drop it through the pool, if nobody took it
+                with self.pool.connection() as conn:
+                    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                                 "WHERE slot_name = %s AND active_pid IS NULL", (self.slot,))
+            log.info("dropped slot %s: the run %s (the next run makes a new one)", self.slot, why)
         except (psycopg.Error, CdcError) as err:
-            log.warning("could not drop slot %s after the failed hand-off (%s): drop it by hand: "
-                        "SELECT pg_drop_replication_slot('%s')", self.slot, mask(str(err).strip()), self.slot)
+            log.warning("could not drop slot %s, made for a hand-off that did not finish (%s): drop it by "
+                        "hand: SELECT pg_drop_replication_slot('%s')", self.slot, mask(str(err).strip()), self.slot)
 
     def _stream_loop(self, rs: ReplicationStream) -> Iterator[Transaction]:
         decoder = Decoder(self.table, chunk_events=self.chunk_events, event_class=self.event_class)
@@ -529,6 +639,8 @@ class Consumer:
                 if self._stop:
                     break
             txs.clear()
+            if self._catch_up is not None:
+                self._catch_up_step()
             # Settle each batch (at most _READ_BATCH events); but recording deliveries is a
             # database write, kept to the checkpoint unless the events pile up.
             if handled_txs and (self.deliveries is None
@@ -565,6 +677,10 @@ class Consumer:
         if not rs.reply_requested:
             return
         rs.reply_requested = False
+        if not self._pending:  # everything the server has sent is handled: nothing is behind
+            self._last_commit_time = None
+            metrics.LAG_SECONDS.set(0.0)
+            metrics.STATUS.lag_seconds = 0.0
         target = rs.server_wal_end if endpos is None else min(rs.server_wal_end, endpos)
         if target > (self._acked_lsn or 0):
             self._acked_lsn = target
@@ -593,14 +709,23 @@ class Consumer:
         log.info("polling %s on %s as consumer %s from seq %d", self.table.qualified,
                  describe(self.dsn), self.consumer, self._position.seq)
         bound = CommitBound(self.table, self.endpos) if self.endpos is not None else None
+        catch_up = self._poll_backlog()
+        done = 0
         try:
             while not self._stop:
                 txs = poller.poll(0.2)
                 metrics.STATUS.tick()
                 for tx in txs:
                     yield from self._hand_over(tx)
+                    done += len(tx.events)
                     if self._stop:
                         break
+                if catch_up is not None:
+                    catch_up.update(done)
+                    if done >= (catch_up.total or 0) or (not txs and poller.high_water_mark >= self._backlog_top):
+                        catch_up.end()
+                        log.info("poll catch-up: %s delivered; following new events", counted(done, "event"))
+                        catch_up = None
                 self._checkpoint(force=not txs)
                 if bound is not None and not self._stop:
                     with self.pool.connection() as conn:
@@ -610,8 +735,25 @@ class Consumer:
                                  "(up to seq %d)", self.endpos, poller.high_water_mark)
                         self._finish_at_endpos()
         finally:
+            if catch_up is not None:
+                catch_up.end()
             poller.close()
             self._poller = None
+
+    def _poll_backlog(self) -> Progress | None:
+        """The events already committed above the position when polling starts: a backlog, in
+        /readyz and the logs, until the poller has delivered them."""
+        from psycopg import sql
+
+        with self.pool.connection() as conn:
+            row = conn.execute(sql.SQL("SELECT count(*), max({seq}) FROM {t} WHERE {seq} > %s").format(
+                t=self.table.ident(), seq=sql.Identifier(self.table.seq)), (self._position.seq,)).fetchone()
+        total = max(int(row[0]) - len(self._position.seqs_above), 0) if row else 0
+        self._backlog_top = int(row[1]) if row and row[1] is not None else 0  # caught up past this
+        if total == 0:
+            return None
+        log.info("poll catch-up: %s committed above seq %d to deliver", counted(total, "event"), self._position.seq)
+        return Progress("poll catch-up", total, log=log, bar=True, backlog=True)
 
     # -- acknowledgement --------------------------------------------------------------------------
 
@@ -657,7 +799,9 @@ class Consumer:
             if self.deliveries is not None:
                 self.deliveries.record(txs)
         if self._last_commit_time is not None:
-            metrics.LAG_SECONDS.set(max(0.0, time.time() - self._last_commit_time.timestamp()))
+            lag = max(0.0, time.time() - self._last_commit_time.timestamp())
+            metrics.LAG_SECONDS.set(lag)
+            metrics.STATUS.lag_seconds = lag  # what --ready-max-lag-seconds compares
 
     def _mark_handled(self, tx: Transaction) -> None:
         if tx.events:
@@ -690,6 +834,10 @@ class Consumer:
         self._last_checkpoint = now
         if self._stream is not None and self._stream.streaming and self._acked_lsn is not None:
             self._stream.acknowledge(self._acked_lsn)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:,.1f} MB"
 
 
 def _escape_table(name: str) -> str:

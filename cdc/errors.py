@@ -66,7 +66,11 @@ class SlotError(CdcError):
 
 
 class SlotInUseError(SlotError):
-    pass
+    """`holder` names the process holding the slot, when known (a standby logs it)."""
+
+    def __init__(self, message: str, holder: str | None = None):
+        super().__init__(message)
+        self.holder = holder
 
 
 class SlotLostError(SlotError):

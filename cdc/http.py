@@ -59,6 +59,11 @@ def readiness(
     # stop the feed: the wal_status gauge still tells.
     if status.slot_valid is False and status.path != "poll":
         return "the replication slot is missing or lost"
+    if status.catching_up is not None:
+        left = (f"{status.backlog_events:,} events to go" if status.backlog_events is not None
+                else f"{status.backlog_bytes:,} bytes of WAL to go" if status.backlog_bytes is not None
+                else "under way")
+        return f"catching up: {status.catching_up}, {left}"
     if max_lag_seconds is not None and status.lag_seconds is not None and status.lag_seconds > max_lag_seconds:
         return f"lag {status.lag_seconds:.1f} s is over {max_lag_seconds:g} s"
     if max_lag_bytes is not None and status.lag_bytes is not None and status.lag_bytes > max_lag_bytes:

@@ -22,6 +22,7 @@ DEAD_LETTERS = Counter("cdc_dead_lettered_events", "Events moved to cdc.dead_let
 RECONCILE_FINDINGS = Counter("cdc_reconcile_findings", "Disagreements found by the reconciler, by kind.", ["kind"], registry=REGISTRY)
 HOLE_AGE = Gauge("cdc_poll_hole_age_seconds", "Age of the oldest sequence hole the poller waits on (0: none).", registry=REGISTRY)
 HOLE_HOLDER = Gauge("cdc_poll_hole_holder_pid", "Backend pid of a live transaction holding the oldest hole (0: none).", registry=REGISTRY)
+BACKLOG_EVENTS = Gauge("cdc_backlog_events", "Events still to deliver in a hand-off replay or catch-up (0: none, or streaming).", registry=REGISTRY)
 MODE = Gauge("cdc_mode", "1 for the path currently delivering (stream or poll).", ["path"], registry=REGISTRY)
 LAST_DELIVERY = Gauge("cdc_last_delivery_timestamp_seconds", "Unix time of the last delivery to the sink.", registry=REGISTRY)
 WORKER_QUEUE_DEPTH = Gauge("cdc_worker_queue_depth", "Slices waiting in a worker's queue (--workers N > 1); a full queue stalls the feed.", ["worker"], registry=REGISTRY)
@@ -41,6 +42,9 @@ class Status:
     lag_seconds: float | None = None
     standby: bool = False
     error: str | None = None
+    catching_up: str | None = None  # the backlog phase under way (e.g. "hand-off replay"), if any
+    backlog_events: int | None = None  # events that phase still has to deliver, when known
+    backlog_bytes: int | None = None  # bytes of WAL a stream catch-up still has to read
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()

@@ -349,30 +349,19 @@ class CommitBound:
 
 
 class _Progress:
-    """events, rate and ETA on stderr, when it is a terminal, at most 10 times a second."""
+    """The replay's progress by seq: `Progress` with the fraction of the seq range done."""
 
     def __init__(self, first: int, last: int, enabled: bool):
-        self.first, self.last = first, last
-        self.enabled = enabled and sys.stderr.isatty()
-        self.started = time.monotonic()
-        self.shown = 0.0
+        from .progress import Progress
+
+        self.first, self.span = first, max(last - first, 1)
+        self.progress = Progress("replay", log=log, bar=enabled)
 
     def update(self, events: int, seq: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.shown < 0.1:
-            return
-        self.shown = now
-        elapsed = now - self.started
-        rate = events / elapsed if elapsed > 0 else 0.0
-        span = max(self.last - self.first, 1)
-        done = min(max(seq - self.first, 0) / span, 1.0)
-        eta = elapsed * (1 - done) / done if done > 0 else 0.0
-        sys.stderr.write(f"\r{events:,} events  {rate:,.0f}/s  {done:4.0%}  ETA {eta:,.0f} s  ")
-        sys.stderr.flush()
+        self.progress.update(events, min(max(seq - self.first, 0) / self.span, 1.0))
 
     def end(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
+        self.progress.end()
 
 
 def replay(
@@ -739,8 +728,10 @@ def read_snapshot(
     after: Position,
     batch: int = 10_000,
     event_class: type[Event] = Event,
+    on_total: Callable[[int], None] | None = None,
 ) -> Iterator[Transaction]:
     """Every row with seq > after.seq, not in after.seqs_above, as of an exported snapshot.
+    `on_total` hears, before the first row, how many events that is (a count under the snapshot).
 
     For the poll → stream hand-off: the slot's exported snapshot is the exact boundary, so no
     gap checks are needed. REPEATABLE READ with SET TRANSACTION SNAPSHOT as its first statement;
@@ -753,6 +744,10 @@ def read_snapshot(
         with conn.transaction():
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
             try:
+                if on_total is not None:
+                    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ").format(table.ident()) + where,
+                                       {"after": after.seq}).fetchone()
+                    on_total(max(int(row[0]) - len(after.seqs_above), 0) if row else 0)
                 yield from _rows_to_transactions(conn, table, query, {"after": after.seq},
                                                  frozenset(after.seqs_above), batch, event_class)
             except psycopg.errors.UndefinedColumn as err:

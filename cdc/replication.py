@@ -20,6 +20,7 @@ from psycopg import pq
 
 from .connection import connect_error, mask
 from .errors import (
+    CdcError,
     ConnectionLostError,
     PluginMissingError,
     PluginNotAllowedError,
@@ -135,6 +136,20 @@ class ReplicationStream:
             row[0], row[1], row[2], Lsn.parse(row[3]) if row[3] else None, row[4],
             int(row[5]) if row[5] is not None else None,
         )
+
+    def holder(self, pid: int) -> str:
+        """Who a backend is, for a log line about the process holding the slot: its application,
+        client address and start time, as far as this role may see them."""
+        try:
+            row = self._command(
+                "SELECT coalesce(nullif(application_name, ''), '?'), coalesce(host(client_addr), 'local'), "
+                f"to_char(backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') FROM pg_stat_activity WHERE pid = {int(pid)}"
+            ).fetchone()
+        except CdcError:
+            row = None
+        if row is None:
+            return f"pid {pid}"
+        return f"pid {pid} ({row[0]} from {row[1]}, connected {row[2]})"
 
     def create_slot(self, *, export_snapshot: bool = False) -> CreatedSlot:
         """Create the slot. With `export_snapshot`, also a snapshot that sees exactly the

@@ -21,6 +21,7 @@ from .consumer import Consumer
 from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction, wire_records
 from .partitions import Partition
+from .progress import counted
 from .sinks import Sink, load_callable, open_sink
 from .store import DEFAULT_TABLE, EventTable
 
@@ -157,10 +158,6 @@ class Delivery:
         metrics.DEAD_LETTERS.inc(len(tx.events))
         log.error("moved transaction xid=%s lsn=%s (%d events) to cdc.dead_letters: %s",
                   tx.xid, tx.commit_lsn, len(tx.events), _one_line(err))
-
-
-def counted(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _one_line(err: BaseException) -> str:
@@ -379,16 +376,21 @@ def _drive(consumer: Consumer, sink: Sink, settings: Settings, dsn: str, stop: t
                     return 0
                 failed = False
                 return 0
-            except SlotInUseError:
+            except SlotInUseError as err:
                 if not settings.standby or stop.is_set():
                     raise
                 metrics.STATUS.standby = True
                 metrics.STATUS.tick()
-                log.info("slot %s is in use: standing by", settings.slot)
+                log.info("slot %s is in use by %s: standing by, taking over when it is released",
+                         settings.slot, err.holder or "another process")
+                waited = 0
                 while not stop.wait(1.0):
                     metrics.STATUS.tick()
                     if _slot_free(consumer.pool, settings.slot):
                         break
+                    waited += 1
+                    if waited % 60 == 0:
+                        log.info("still standing by for slot %s (%d s)", settings.slot, waited)
                 if stop.is_set():
                     failed = False
                     return 0

@@ -59,6 +59,12 @@ DO $$ BEGIN
                    AND attname = 'mapping' AND NOT attisdropped) THEN
         ALTER TABLE cdc.checkpoints ADD COLUMN mapping jsonb;
     END IF;
+    -- The windows the consumer ran without recording its deliveries: reconcile reports them
+    -- as not recorded, never as missing (reconcile.py).
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'cdc.checkpoints'::regclass
+                   AND attname = 'unrecorded' AND NOT attisdropped) THEN
+        ALTER TABLE cdc.checkpoints ADD COLUMN unrecorded jsonb NOT NULL DEFAULT '[]';
+    END IF;
 END $$;
 -- Transactions a consumer gave up on (poison), kept with the error instead of dropped.
 CREATE TABLE IF NOT EXISTS cdc.dead_letters (

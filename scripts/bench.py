@@ -10,7 +10,8 @@ One embedded cluster (fsync off), one database a scenario so sequences and slots
 - replay: cdc.polling.replay into a NullSink and into a jsonl file vs psql COPY (SELECT * ...
   ORDER BY seq) > /dev/null;
 - latency commit -> handler at a paced commit rate, stream and poll, with and without a
-  transaction holding a sequence number for a while (the consumer runs in its own process);
+  transaction holding a sequence number for a while (the consumer runs in its own process), and
+  the stream recording its deliveries (`stream_recording`: what --record-deliveries costs);
 - peak RSS of a consumer process draining 1M events, and one 1M-row transaction;
 - reconcile over 1M recorded deliveries.
 Progress on stderr; DIR/results.json, DIR/results.md, DIR/latency.png. Never asserts on speed.
@@ -282,7 +283,7 @@ def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float
     db = "bench_latency"
     dsn = new_database(cluster, db)
     name = "lat"
-    if path == "stream":
+    if path != "poll":
         prime(dsn, name)
     out_file = f"/tmp/cdc-bench-latency-{os.getpid()}.json"
     child = subprocess.Popen([sys.executable, __file__, "_latency", dsn, name, path, out_file],
@@ -337,7 +338,7 @@ def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float
     drop_database(cluster, db)
     lat = []
     for seq, at, commit_time in handled:
-        if path == "stream":
+        if path != "poll":
             lat.append(max(0.0, at - commit_time) * 1000)
         elif seq in commits:
             lat.append(max(0.0, at - commits[seq]) * 1000)
@@ -363,8 +364,10 @@ def percentiles(values: list[float]) -> dict[str, Any]:
 
 def child_latency(dsn: str, name: str, path: str, out_file: str) -> None:
     handled: list[tuple[int, float, float | None]] = []
-    mode = "stream" if path == "stream" else "poll"
-    with Consumer(dsn, consumer=name, slot=name, mode=mode, poll_interval=0.1, stale_after=3.0) as feed:
+    mode = "poll" if path == "poll" else "stream"
+    record = path == "stream_recording"  # what --record-deliveries adds to the delivery path
+    with Consumer(dsn, consumer=name, slot=name, mode=mode, poll_interval=0.1, stale_after=3.0,
+                  record_deliveries=record) as feed:
         print("ready", flush=True)
         for tx in feed:
             now = time.time()
@@ -505,9 +508,9 @@ def main() -> None:
             results["stream_vs_recvlogical_100"] = results["stream_100"]["ratio"]
         if "latency" in parts:
             latency: dict[str, Any] = {}
-            for path in ("stream", "poll"):
+            for path in ("stream", "stream_recording", "poll"):
                 for rate in (500, 2000):
-                    for held in (False, True):
+                    for held in ((False,) if path == "stream_recording" else (False, True)):
                         key = f"{path}_{rate}{'_held_seq' if held else ''}"
                         stats = bench_latency(cluster, path, rate, held, lat_seconds)
                         samples[key] = stats.pop("samples")

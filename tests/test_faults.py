@@ -344,6 +344,51 @@ def test_standby_takes_over_within_10_s_after_kill_9_and_never_two_are_active(ds
     print(f"standby took over {took:.1f} s after kill -9")
 
 
+@pytest.mark.parametrize("kill_after", [0.5, 2.0, 5.0, 8.0])
+def test_a_standby_takes_over_from_the_checkpoint_as_it_is_at_takeover(dsn, tmp_path, kill_after):
+    """Killed while the standby still waits for the slot's release (or once it stands by), the
+    active instance's acknowledged transactions are never delivered again by the standby, and
+    nothing is lost; the standby says from its first second which process it waits for."""
+    consumer = f"tk{int(kill_after * 10)}"
+    prime(dsn, consumer)
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    args = [*FAST, "--consumer", consumer, "--standby"]
+    slot = default_slot(consumer)
+    with Writers(dsn, writers=4, rollback=0.2, pause=0.02):
+        a = cdc_run(dsn, *args, "--sink", f"jsonl:{outs[0]}", log=logs[0])
+        _wait_progress(lambda: _jsonl_size(outs[0]) > 0 and (slot_row(dsn, slot) or (None,))[0] is not None,
+                       a, logs[0])
+        b = cdc_run(dsn, *args, "--sink", f"jsonl:{outs[1]}", log=logs[1])
+        started = time.monotonic()
+        try:
+            time.sleep(kill_after)
+            assert a.poll() is None, tail(logs[0])
+            a.send_signal(signal.SIGKILL)
+            a.wait()
+            # What the killed instance had acknowledged: its checkpoint once it is dead.
+            seq, above = sql(dsn, "SELECT seq, seqs_above FROM cdc.checkpoints WHERE consumer = %s", (consumer,))[0]
+            acknowledged = {r["seq"] for r in read_jsonl(outs[0], torn=[]) if r["seq"] <= seq or r["seq"] in above}
+            _wait_log(logs[1], "streaming from slot", b, timeout=30)
+            time.sleep(0.5)
+        except BaseException:
+            if b.poll() is None:
+                b.kill()
+            raise
+    try:
+        wait_delivered(outs, committed_seqs(dsn), timeout=60)
+    finally:
+        assert _stop(b) == 0, tail(logs[1])
+    again = acknowledged & {r["seq"] for r in read_jsonl(outs[1])}
+    assert not again, f"{len(again)} acknowledged events delivered again by the standby, first {sorted(again)[:5]}"
+    check_delivery(dsn, read_jsonl(outs[0], torn=[]) + read_jsonl(outs[1]))
+    if kill_after >= 2:  # the standby is up and has found the slot held
+        text = logs[1].read_text()
+        assert f"slot {slot} is held by pid" in text, tail(logs[1])
+    print(f"killed {kill_after} s after the standby started ({time.monotonic() - started:.1f} s in all); "
+          f"{len(acknowledged)} acknowledged events, none delivered again")
+
+
 def test_two_standbys_started_together_on_a_fresh_database_agree_on_one_active(dsn, tmp_path):
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [cdc_run(dsn, *FAST, "--standby", "--sink", "null", log=log) for log in logs]

@@ -77,6 +77,9 @@ def test_readyz_is_503_when_lag_is_over_a_threshold(http: HttpServer, status: St
     ({"connected": False}, "not connected"),
     ({"slot_valid": False}, "slot is missing or lost"),
     ({"standby": True}, "standby"),
+    ({"catching_up": "hand-off replay", "backlog_events": 12_345}, "catching up: hand-off replay, 12,345 events to go"),
+    ({"catching_up": "stream catch-up", "backlog_bytes": 4096}, "catching up: stream catch-up, 4,096 bytes of WAL"),
+    ({"catching_up": "poll catch-up"}, "catching up: poll catch-up, under way"),
 ])
 def test_readyz_is_503_with_a_one_line_reason(http: HttpServer, status: Status, change: dict[str, object], reason: str) -> None:
     for k, v in change.items():

@@ -14,9 +14,10 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from cdc import checkpoint, decoding, store
+from cdc.deliveries import DeliveryLog, take_fence
 from cdc.events import Lsn, Transaction
 from cdc.metrics import RECONCILE_FINDINGS
-from cdc.reconcile import DeliveryLog, ShadowReconciler, reconcile, run_cli, take_fence
+from cdc.reconcile import ShadowReconciler, reconcile, run_cli
 from cdc.replication import ReplicationStream
 
 OPTIONS = {**decoding.PLUGIN_OPTIONS, "add-tables": "cdc.events"}
@@ -329,3 +330,67 @@ def test_shadow_reconciler_counts_and_logs_each_finding_once_without_payloads(ds
     assert sum("duplicate delivery" in line and "seq 3" in line for line in lines) == 1
     assert not any(SECRET in line for line in lines)
     assert shadow.errors == 0
+
+
+# -- what reconcile knows (issue 16) ------------------------------------------------------------------
+
+def _run_library(dsn: str, consumer: str, *, record: bool) -> int:
+    """The real Consumer up to the WAL position now: returns how many events it handed over."""
+    from cdc import Consumer
+
+    n = 0
+    with Consumer(dsn, consumer=consumer, endpos="now", record_deliveries=record) as c:
+        for tx in c:
+            n += len(tx.events)
+    return n
+
+
+def test_a_consumer_without_a_delivery_record_is_an_error_not_an_agreement(dsn, conn):
+    code, out = run_cli(dsn, "nosuch", json=False)
+    assert code == 2 and out.count("\n") == 1 and out.startswith("cdc: error: no consumer 'nosuch'"), out
+    append(conn, "nr", 3)
+    assert _run_library(dsn, "never_recorded", record=False) >= 3
+    code, out = run_cli(dsn, "never_recorded", json=False)
+    assert code == 2 and out.count("\n") == 1, out
+    assert "has no delivery record" in out and "--record-deliveries" in out, out
+    code, out = run_cli(dsn, "never_recorded", json=True)
+    assert code == 2 and "no delivery record" in orjson.loads(out)["error"]
+
+
+def test_a_window_run_without_recording_is_reported_as_not_recorded_never_as_missing(dsn, conn):
+    name = "windows"
+    append(conn, "w", 4)
+    assert _run_library(dsn, name, record=True) >= 4
+    append(conn, "w", 8)  # delivered by a run that does not record
+    assert _run_library(dsn, name, record=False) == 8
+    code, out = run_cli(dsn, name, json=True)
+    doc = orjson.loads(out)
+    assert code == 0 and doc["agrees"], out
+    assert doc["counts"]["missing"] == 0 and doc["counts"]["not_recorded"] == 8, doc["counts"]
+    windows = [w for w in doc["unrecorded"] if not w["before_recording"]]
+    assert len(windows) == 1 and windows[0]["open"] and windows[0]["started_at"], windows
+    assert len(doc["runs"]) == 1 and doc["runs"][0]["deliveries"] >= 4
+    code, text = run_cli(dsn, name, json=False)
+    assert code == 0 and "AGREE" in text and "not recorded: 8" in text and "not recorded (still running so)" in text
+
+    # Recording again closes the window; what it delivers is checked, and a loss inside a
+    # recorded run is still found, even with an unrecorded window before it.
+    append(conn, "w", 5)
+    assert _run_library(dsn, name, record=True) == 5
+    doc = orjson.loads(run_cli(dsn, name, json=True)[1])
+    assert doc["agrees"] and doc["counts"]["not_recorded"] == 8, doc["counts"]
+    windows = [w for w in doc["unrecorded"] if not w["before_recording"]]
+    assert len(windows) == 1 and not windows[0]["open"] and windows[0]["ended_at"], windows
+    assert len(doc["runs"]) == 2
+    lost = conn.execute("SELECT max(seq) FROM cdc.deliveries WHERE consumer = %s", (name,)).fetchone()[0]
+    conn.execute("DELETE FROM cdc.deliveries WHERE consumer = %s AND seq = %s", (name, lost))
+    code, out = run_cli(dsn, name, json=True)
+    doc = orjson.loads(out)
+    assert code == 1 and [m["seq"] for m in doc["missing"]] == [lost], out
+    # And one in the first recorded run, before the unrecorded window.
+    first = conn.execute("SELECT min(seq) FROM cdc.deliveries WHERE consumer = %s", (name,)).fetchone()[0]
+    second = conn.execute("SELECT min(seq) FROM cdc.deliveries WHERE consumer = %s AND seq > %s",
+                          (name, first)).fetchone()[0]
+    conn.execute("DELETE FROM cdc.deliveries WHERE consumer = %s AND seq = %s", (name, second))
+    doc = orjson.loads(run_cli(dsn, name, json=True)[1])
+    assert sorted(m["seq"] for m in doc["missing"]) == [second, lost], doc["missing"]

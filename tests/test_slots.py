@@ -112,3 +112,75 @@ def test_a_schema_from_an_earlier_version_meets_one_line_then_setup_upgrades_it(
     assert slots(dsn) == set()
     assert cdc("setup", "--dsn", dsn).returncode == 0
     assert cdc("run", "--dsn", dsn, "--endpos", "now").returncode == 0
+
+
+# -- slots never leak (issue 16) --------------------------------------------------------------------
+
+def test_a_hand_off_that_fails_in_the_sink_leaves_no_slot_however_often(dsn: str, conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE fault_projection (seq bigint NOT NULL, xid bigint)")
+    _append(conn, "leak", 3)
+    before = slots(dsn)
+    for n in range(3):  # each a new consumer: a left slot each would add up to max_replication_slots
+        proc = cdc("run", "--dsn", dsn, "--consumer", f"leak{n}", "--sink", "python:tests.fault_projection:project",
+                   "--max-attempts", "1", "--endpos", "now", env={"CDC_FAULT_FAIL": "1", "PYTHONPATH": "."})
+        assert proc.returncode == 1, proc.stderr
+        assert f"dropped slot {default_slot(f'leak{n}')}" in proc.stderr, proc.stderr
+        assert slots(dsn) == before, proc.stderr
+    # The next run of one of them hands over again and delivers everything, once.
+    proc = cdc("run", "--dsn", dsn, "--consumer", "leak0", "--sink", "python:tests.fault_projection:project",
+               "--endpos", "now", env={"PYTHONPATH": "."})
+    assert proc.returncode == 0, proc.stderr
+    assert [r[0] for r in conn.execute("SELECT seq FROM fault_projection ORDER BY seq")] == [1, 2, 3]
+    assert slots(dsn) == before | {default_slot("leak0")}
+
+
+def test_a_hand_off_stopped_midway_drops_its_slot_and_the_next_run_finishes_it(dsn: str, conn: psycopg.Connection,
+                                                                            tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_mistakes import ROOT, add_events
+
+    add_events(conn, 300_000)
+    out, log = tmp_path / "a.jsonl", tmp_path / "a.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--consumer", "halt",
+                                 "--sink", f"jsonl:{out}"], cwd=ROOT, stderr=err, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while "events to replay" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, log.read_text()
+    text = log.read_text()
+    assert "dropped slot cdc_halt: the run stopped before its hand-off finished" in text, text
+    assert default_slot("halt") not in slots(dsn)
+    first = _seqs(out)
+    assert 0 < len(first) < 300_000, "stopped midway"
+    proc2 = cdc("run", "--dsn", dsn, "--consumer", "halt", "--sink", f"jsonl:{tmp_path / 'b.jsonl'}",
+                "--endpos", "now", timeout=120)
+    assert proc2.returncode == 0, proc2.stderr
+    both = first + _seqs(tmp_path / "b.jsonl")
+    assert sorted(both) == list(range(1, 300_001)), "each event once across the two runs"
+
+
+def test_check_lists_inactive_wal2json_slots_with_retained_wal_and_the_drop_command(dsn: str,
+                                                                                   conn: psycopg.Connection) -> None:
+    _append(conn, "chk", 2)
+    assert cdc("run", "--dsn", dsn, "--consumer", "owned", "--sink", "null", "--endpos", "now").returncode == 0
+    conn.execute("SELECT pg_create_logical_replication_slot('orphan', 'wal2json')")
+    conn.execute("SELECT pg_create_logical_replication_slot('other_plugin', 'test_decoding')")
+    _append(conn, "chk2", 2)
+    proc = cdc("check", "--dsn", dsn)
+    line = next(ln for ln in proc.stdout.splitlines() if "inactive_slots" in ln)
+    assert line.startswith("OK   inactive_slots: 2 not being read"), line
+    assert "orphan (no consumer records it, retains " in line, line
+    assert "drop: SELECT pg_drop_replication_slot('orphan')" in line, line
+    assert f"{default_slot('owned')} (consumer owned, retains " in line, line
+    assert "other_plugin" not in line
+    slot_line = next(ln for ln in cdc("check", "--dsn", dsn, "--slot", default_slot("owned")).stdout.splitlines()
+                     if ln.startswith("OK   slot:"))
+    assert "recorded by consumer owned" in slot_line, slot_line
+    conn.execute("SELECT pg_drop_replication_slot('other_plugin')")
