@@ -23,7 +23,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
 import psycopg
@@ -520,12 +520,14 @@ class Consumer:
         from .polling import read_snapshot
 
         count = 0
+        lag = _ReplayLag()
         try:
             for tx in read_snapshot(self.dsn, snapshot, table=self.table, after=after, batch=5000,
                                     event_class=self.event_class, on_total=total):
                 yield from self._hand_over(tx)
                 count += len(tx.events)
                 progress[0].update(count)
+                lag.update(tx)
                 self._checkpoint()  # a long replay killed midway resumes from here, not from zero
                 if self._stop:
                     # Not finished: the consumer has no position at the slot's start, so the next
@@ -711,6 +713,7 @@ class Consumer:
         bound = CommitBound(self.table, self.endpos) if self.endpos is not None else None
         catch_up = self._poll_backlog()
         done = 0
+        lag = _ReplayLag()
         try:
             while not self._stop:
                 txs = poller.poll(0.2)
@@ -718,6 +721,7 @@ class Consumer:
                 for tx in txs:
                     yield from self._hand_over(tx)
                     done += len(tx.events)
+                    lag.update(tx)
                     if self._stop:
                         break
                 if catch_up is not None:
@@ -834,6 +838,27 @@ class Consumer:
         self._last_checkpoint = now
         if self._stream is not None and self._stream.streaming and self._acked_lsn is not None:
             self._stream.acknowledge(self._acked_lsn)
+
+
+class _ReplayLag:
+    """Lag in seconds on the poll paths, whose transactions carry no commit time: the age of the
+    event just delivered (its created_at), about that of the oldest one still to deliver while a
+    backlog lasts. Read at most twice a second, not per event."""
+
+    def __init__(self) -> None:
+        self._at = 0.0
+
+    def update(self, tx: Transaction) -> None:
+        now = time.monotonic()
+        if now - self._at < 0.5 or not tx.events:
+            return
+        self._at = now
+        created = tx.events[-1].created_at
+        if created is not None and tx.commit_time is None:
+            at = created.timestamp() if created.tzinfo is not None else created.replace(tzinfo=timezone.utc).timestamp()
+            lag = max(0.0, time.time() - at)
+            metrics.LAG_SECONDS.set(lag)
+            metrics.STATUS.lag_seconds = lag
 
 
 def _mb(n: int) -> str:

@@ -35,14 +35,18 @@ def _get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _backlog(base: str) -> float | None:
+def _gauge(base: str, name: str) -> float | None:
     status, text = _get(f"{base}/metrics")
     if status != 200:
         return None
     for fam in text_string_to_metric_families(text):
-        if fam.name == "cdc_backlog_events":
+        if fam.name == name:
             return fam.samples[0].value
     return None
+
+
+def _backlog(base: str) -> float | None:
+    return _gauge(base, "cdc_backlog_events")
 
 
 @pytest.mark.parametrize(("mode", "events", "phase", "caught_up"), [
@@ -64,6 +68,7 @@ def test_readyz_is_503_with_a_falling_backlog_until_caught_up(dsn, conn, tmp_pat
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": ROOT})
     samples: list[tuple[int, str, float | None]] = []
+    lags: list[float] = []  # cdc_lag_seconds while catching up
     began = time.monotonic()
     try:
         deadline = time.monotonic() + 300
@@ -73,6 +78,8 @@ def test_readyz_is_503_with_a_falling_backlog_until_caught_up(dsn, conn, tmp_pat
             backlog = _backlog(base)
             if status:
                 samples.append((status, body, backlog))
+                if "catching up" in body:
+                    lags.append(_gauge(base, "cdc_lag_seconds") or 0.0)
             if status == 200 and caught_up in log.read_text():
                 break
             time.sleep(0.25)
@@ -87,6 +94,8 @@ def test_readyz_is_503_with_a_falling_backlog_until_caught_up(dsn, conn, tmp_pat
     backlog = [n for _, _, n in catching if n is not None]
     assert backlog == sorted(backlog, reverse=True), "the backlog never grows during the replay"
     assert backlog[0] > backlog[-1] and backlog[0] >= events // 2, backlog
+    # The lag is the age of what is being delivered, not 0 (the events were written before the run).
+    assert max(lags) > 0.5, lags
     # Ready only once caught up, and from then on nothing is left.
     first_ready = next(i for i, (s, _, _) in enumerate(samples) if s == 200)
     assert all("catching up" in b or s != 200 for s, b, _ in samples[:first_ready])
