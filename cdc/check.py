@@ -18,6 +18,7 @@ from psycopg import sql
 from .connection import connect, mask
 from .errors import CdcError
 from .grants import missing, quote_ident
+from .progress import size_text as _size
 from .store import DEFAULT_TABLE, EventTable, table_oid
 
 DROP_LOST_SLOT = "drop it: cdc will recreate it and replay from the poller"
@@ -404,14 +405,3 @@ def _accepted_types(t: EventTable, field: str, column: str) -> set[str]:
     if field in ("data", "metadata"):
         return _PAYLOAD_TYPES.get(t.payload_encoding.get(column, "jsonb"), {"jsonb", "json"})
     return _TYPES[field]
-
-
-def _size(n: int) -> str:
-    if abs(n) < 1024:
-        return f"{n} bytes"
-    value = float(n)
-    for unit in ("kB", "MB", "GB"):
-        value /= 1024
-        if abs(value) < 1024 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"

@@ -46,7 +46,7 @@ from .errors import (
     WalLevelError,
 )
 from .events import DecimalEvent, Event, Lsn, Transaction
-from .progress import Progress, counted
+from .progress import Progress, counted, size_text
 from .replication import ReplicationStream
 from .store import DEFAULT_TABLE, EventTable, require_table
 
@@ -396,9 +396,10 @@ class Consumer:
         self._claim_slot()
         info = rs.slot_info()
         held = info is not None and info.active_pid is not None
-        if info is not None and info.active_pid is not None:
+        if held:
             # A consumer restarted right after a kill -9 finds its old walsender still holding the
             # slot for a moment (until the server notices the dead socket): give it a few seconds.
+            assert info is not None and info.active_pid is not None
             holder = rs.holder(info.active_pid)
             log.info("slot %s is held by %s: waiting up to %.0f s for it to be released",
                      self.slot, holder, SLOT_RELEASE_GRACE)
@@ -453,7 +454,7 @@ class Consumer:
             # Behind after downtime: the WAL written since is a backlog until the stream is past it.
             gap = int(self._run_start) - int(start)
             log.info("stream catch-up: %s of WAL to read up to %s, where the WAL was when the run started",
-                     _mb(gap), self._run_start)
+                     size_text(gap), self._run_start)
             self._catch_up = (start, self._run_start, Progress("stream catch-up", log=log, bar=True, backlog=True))
             metrics.STATUS.backlog_bytes = gap
         try:
@@ -859,10 +860,6 @@ class _ReplayLag:
             lag = max(0.0, time.time() - at)
             metrics.LAG_SECONDS.set(lag)
             metrics.STATUS.lag_seconds = lag
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1048576:,.1f} MB"
 
 
 def _escape_table(name: str) -> str:

@@ -44,6 +44,7 @@ from .holes import (
     transaction_ages,
 )
 from .jsontext import from_bytes, from_text, one_line
+from .progress import Progress, counted
 from .sinks import Sink
 from .store import DEFAULT_TABLE, NOTIFY_CHANNEL, EventTable
 
@@ -352,8 +353,6 @@ class _Progress:
     """The replay's progress by seq: `Progress` with the fraction of the seq range done."""
 
     def __init__(self, first: int, last: int, enabled: bool):
-        from .progress import Progress
-
         self.first, self.span = first, max(last - first, 1)
         self.progress = Progress("replay", log=log, bar=enabled)
 
@@ -418,9 +417,8 @@ def _replay(conn: psycopg.Connection, table: EventTable, from_seq: int, to_seq: 
     bar.end()
     seconds = time.monotonic() - started
     rate = events / seconds if seconds > 0 else 0.0
-    sys.stderr.write(f"replayed {events:,} event{'' if events == 1 else 's'} ({transactions:,} "
-                     f"transaction{'' if transactions == 1 else 's'}) in {seconds:.2f} s, "
-                     f"{rate:,.0f} events/s\n")
+    sys.stderr.write(f"replayed {counted(events, 'event')} ({counted(transactions, 'transaction')}) "
+                     f"in {seconds:.2f} s, {rate:,.0f} events/s\n")
     return ReplaySummary(events, transactions, seconds, rate)
 
 

@@ -22,6 +22,18 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def size_text(n: int) -> str:
+    """``512 bytes``, ``3.2 MB``: for WAL and slot sizes in logs and command output."""
+    if abs(n) < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
 class Progress:
     """`what` names the phase in logs and /readyz (e.g. "hand-off replay"). `total`, when known,
     is how many events the phase has to deliver; else pass `fraction` to `update`.

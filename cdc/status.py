@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from .checkpoint import saved_mapping
+from .progress import size_text
 from .store import DEFAULT_TABLE, table_oid
 
 
@@ -130,11 +131,4 @@ def run_cli(dsn: str, *, as_json: bool, consumer: str | None = None) -> tuple[in
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    value, unit = float(n), "bytes"
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1024 or unit == "TB":
-            break
-        value /= 1024
-    return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+    return "?" if n is None else size_text(n)

@@ -11,7 +11,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -49,24 +51,34 @@ def _backlog(base: str) -> float | None:
     return _gauge(base, "cdc_backlog_events")
 
 
+def _fill(conn: psycopg.Connection, prefix: str, events: int) -> None:
+    """`events` events in ten transactions: the backlog falls in steps on every path."""
+    for part in range(10):
+        conn.execute("INSERT INTO cdc.events (stream_id, version, type, data) "
+                     "SELECT %s || g, 1, 'E', jsonb_build_object('n', g) FROM generate_series(%s::int, %s::int) g",
+                     (prefix, part * events // 10 + 1, (part + 1) * events // 10))
+
+
+def _start(dsn: str, log: Path, consumer: str, mode: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`cdc run` into a null sink with its HTTP endpoint on a free port: (process, base URL)."""
+    port = _free_port()
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--sink", "null",
+                                 "--http-port", str(port), "--consumer", consumer, "--mode", mode],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+    return proc, f"http://127.0.0.1:{port}"
+
+
 @pytest.mark.parametrize(("mode", "events", "phase", "caught_up"), [
     ("stream", EVENTS, "hand-off replay", "streaming from slot"),
     ("poll", 200_000, "poll catch-up", "following new events"),
 ])
 def test_readyz_is_503_with_a_falling_backlog_until_caught_up(dsn, conn, tmp_path, mode, events, phase, caught_up):
     """A new consumer's hand-off replay of a million events, and a poller's catch-up."""
-    for part in range(10):  # ten transactions: the backlog falls in steps on every path
-        conn.execute("INSERT INTO cdc.events (stream_id, version, type, data) "
-                     "SELECT 's' || g, 1, 'E', jsonb_build_object('n', g) FROM generate_series(%s::int, %s::int) g",
-                     (part * events // 10 + 1, (part + 1) * events // 10))
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+    _fill(conn, "s", events)
     log = tmp_path / "run.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--sink", "null",
-                                 "--http-port", str(port), "--consumer", "fresh", "--mode", mode],
-                                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": ROOT})
+    proc, base = _start(dsn, log, "fresh", mode)
     samples: list[tuple[int, str, float | None]] = []
     lags: list[float] = []  # cdc_lag_seconds while catching up
     began = time.monotonic()
@@ -111,18 +123,9 @@ def test_readyz_is_503_while_the_stream_catches_up_after_downtime(dsn, conn, tmp
     from .support import prime
 
     prime(dsn, "back")  # the consumer exists, caught up, then stops; the table grows meanwhile
-    for part in range(10):
-        conn.execute("INSERT INTO cdc.events (stream_id, version, type, data) "
-                     "SELECT 'd' || g, 1, 'E', jsonb_build_object('n', g) FROM generate_series(%s::int, %s::int) g",
-                     (part * 30_000 + 1, (part + 1) * 30_000))
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+    _fill(conn, "d", 300_000)
     log = tmp_path / "run.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--sink", "null",
-                                 "--http-port", str(port), "--consumer", "back", "--mode", "stream"],
-                                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": ROOT})
+    proc, base = _start(dsn, log, "back", "stream")
     samples: list[tuple[int, str]] = []
     try:
         deadline = time.monotonic() + 120
