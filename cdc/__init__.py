@@ -6,8 +6,9 @@
             for event in tx.events:
                 ...
 
-The stream path reads a wal2json logical replication slot; the poll path is a gap-safe seq
-poller; a reconciler checks one against the other.
+The stream path reads a logical replication slot (wal2json, or pgoutput with
+``Consumer(plugin="pgoutput")``); the poll path is a gap-safe seq poller; a reconciler checks one
+against the other.
 """
 
 from importlib.metadata import PackageNotFoundError

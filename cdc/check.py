@@ -68,22 +68,23 @@ def format_results(results: list[CheckResult]) -> str:
 
 
 def main_check(dsn: str, slot: str = "cdc", table: EventTable = DEFAULT_TABLE,
-               features: tuple[str, ...] = ("run",)) -> int:
+               features: tuple[str, ...] = ("run",), plugin: str | None = None, publication: str | None = None) -> int:
     """Run the checks, print them to stdout; 0 when all pass, 1 otherwise."""
-    results = run_checks(dsn, slot=slot, table=table, features=features)
+    results = run_checks(dsn, slot=slot, table=table, features=features, plugin=plugin, publication=publication)
     print(format_results(results), flush=True)
     return 0 if all(r.ok for r in results) else 1
 
 
 def run_checks(dsn: str, *, slot: str = "cdc", table: EventTable = DEFAULT_TABLE,
-               features: tuple[str, ...] = ("run",)) -> list[CheckResult]:
+               features: tuple[str, ...] = ("run",), plugin: str | None = None,
+               publication: str | None = None) -> list[CheckResult]:
     """Every check, in the order a user would fix them. Stops after `server` if it fails."""
     try:
         conn = connect(dsn, autocommit=True)
     except CdcError as err:
         return [_fail("server", str(err), "check --dsn / CDC_DSN and that the server runs and accepts the login")]
     with conn:
-        ctx = _Context(conn, slot, table, features)
+        ctx = _Context(conn, slot, table, features, plugin, publication)
         results = [ctx.server()]
         for name, check in ctx.checks():
             try:
@@ -100,8 +101,13 @@ def run_checks(dsn: str, *, slot: str = "cdc", table: EventTable = DEFAULT_TABLE
 class _Context:
     """The checks over one connection, sharing what they learn (version, superuser, ...)."""
 
-    def __init__(self, conn: psycopg.Connection, slot: str, table: EventTable, features: tuple[str, ...] = ("run",)):
+    def __init__(self, conn: psycopg.Connection, slot: str, table: EventTable, features: tuple[str, ...] = ("run",),
+                 plugin: str | None = None, publication: str | None = None):
+        from .decoders import publication_name
+
         self.conn = conn
+        self.plugin = plugin or os.environ.get("CDC_PLUGIN") or "wal2json"  # as Consumer reads it
+        self.publication = publication or publication_name(table)
         self.features = features
         self.slot = slot
         self.table = table
@@ -118,7 +124,8 @@ class _Context:
     def checks(self) -> list[tuple[str, Callable[[], CheckResult]]]:
         """The checks after `server`, by the name their result carries."""
         return [("standby", self.standby), ("wal_level", self.wal_level_check),
-                ("replication_privilege", self.replication_privilege), ("wal2json", self.wal2json),
+                ("replication_privilege", self.replication_privilege),
+                *([("wal2json", self.wal2json)] if self.plugin == "wal2json" else [("publication", self.publication_check)]),
                 ("slot", self.slot_state), ("events_table", self.events_table),
                 ("select_privilege", self.select_privilege), ("events_seq", self.events_seq),
                 ("bookkeeping", self.bookkeeping), ("grants", self.grants),
@@ -200,6 +207,28 @@ class _Context:
             return _fail("wal2json", f"a test slot could not be created [{state}]: {mask(text)}", None)
         return _ok("wal2json", "installed and allowed (a test slot was created and dropped)")
 
+    def publication_check(self) -> CheckResult:
+        """pgoutput is built in and always allowed: what it needs is our publication."""
+        from .store import publication_problem
+
+        problem = publication_problem(self.conn, self.table, self.publication)
+        if problem is not None:
+            what, fix = problem
+            return _fail("publication", what, fix if self.table != DEFAULT_TABLE or "CREATE" not in fix
+                         else f"cdc setup, or {fix}")
+        others = self.conn.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s "
+            "AND (schemaname, tablename) <> (%s, %s) ORDER BY 1", (self.publication, self.table.schema,
+                                                                 self.table.name)).fetchall()
+        if others:
+            shown = ", ".join(str(r[0]) for r in others[:5]) + (", ..." if len(others) > 5 else "")
+            return _fail("publication", f"{self.publication} also publishes {len(others)} other tables ({shown}): "
+                         "the stream would decode and skip their changes",
+                         f"a publication of {self.table.qualified} alone (--publication NAME), e.g. "
+                         f"CREATE PUBLICATION cdc_only FOR TABLE {self.table.qualified} WITH (publish = 'insert, truncate')")
+        return _ok("publication", f"{self.publication} publishes inserts and truncates of {self.table.qualified} "
+                   "(pgoutput is built in and always allowed)")
+
     def slot_state(self) -> CheckResult:
         row = self._one(
             "SELECT plugin, slot_type, database, active_pid, wal_status, "
@@ -212,9 +241,10 @@ class _Context:
             return _ok("slot", f"{name} does not exist yet: `cdc run` creates it")
         plugin, kind, database, pid, wal_status, retained, here = row
         drop = "SELECT pg_drop_replication_slot('{}')".format(self.slot.replace("'", "''"))
-        if kind != "logical" or plugin != "wal2json":
-            return _fail("slot", f"{name} exists but is a {kind} slot of plugin {plugin}",
-                         f"use another --slot, or {drop} if it is not used")
+        if kind != "logical" or plugin != self.plugin:
+            return _fail("slot", f"{name} exists but is a {kind} slot of plugin {plugin}, not {self.plugin}",
+                         f"use --plugin {plugin}, another --slot, or {drop} if it is not used" if kind == "logical"
+                         else f"use another --slot, or {drop} if it is not used")
         if database != here:
             return _fail("slot", f"{name} belongs to database {database}, not {here}",
                          "use another --slot for this database")
@@ -333,16 +363,16 @@ class _Context:
 
 
     def inactive_slots(self) -> CheckResult:
-        """Logical wal2json slots nobody reads now: each holds WAL on the server until it is
+        """Logical slots of the run's plugin nobody reads now: each holds WAL on the server until it is
         read or dropped. Informational (a consumer between runs has one too), so always OK; a
         slot no consumer's checkpoint records is most likely left over."""
         rows = self.conn.execute(
             "SELECT slot_name, (pg_current_wal_lsn() - restart_lsn)::bigint, wal_status "
-            "FROM pg_replication_slots WHERE slot_type = 'logical' AND plugin = 'wal2json' "
-            "AND database = current_database() AND active_pid IS NULL AND NOT temporary ORDER BY slot_name"
-        ).fetchall()
+            "FROM pg_replication_slots WHERE slot_type = 'logical' AND plugin = %s "
+            "AND database = current_database() AND active_pid IS NULL AND NOT temporary ORDER BY slot_name",
+            (self.plugin,)).fetchall()
         if not rows:
-            return _ok("inactive_slots", "none: every wal2json slot in this database is being read")
+            return _ok("inactive_slots", f"none: every {self.plugin} slot in this database is being read")
         owners = _slot_owners(self.conn)
         parts = []
         for name, retained, wal_status in rows:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
+from typing import Any
 
 import orjson
 import psycopg
@@ -179,8 +180,8 @@ def cut_short(held: tuple[int | None, Lsn | None, int] | None, tx: Transaction) 
     database will not be continued: another transaction, or the same one from an earlier part."""
     if held is None:
         return False
-    xid, end, part = held
-    return (tx.xid, tx.end_lsn) != (xid, end) or tx.part <= part
+    xid, commit, part = held
+    return (tx.xid, tx.commit_lsn) != (xid, commit) or tx.part <= part
 
 
 def durable(conn: psycopg.Connection) -> psycopg.Connection:
@@ -211,26 +212,37 @@ class Projection:
         self.conn = durable(conn)
         self.consumer = consumer
         self._open: AbstractContextManager[object] | None = None
-        self._open_part: tuple[int | None, Lsn | None, int] | None = None  # (xid, end, last part) held open
+        # (xid, commit LSN, last part) held open: a transaction's identity across its parts (their
+        # end_lsn is not: pgoutput knows a transaction's end only at its last part).
+        self._open_part: tuple[int | None, Lsn | None, int] | None = None
         self._seqs: list[int] = []  # of the transaction in progress, all its parts
+        # The consumer's delivery record, when it records (set by `Consumer.record_in(sink)`):
+        # written in the projection's transaction, so a crash between the projection's commit
+        # and the consumer's next checkpoint cannot leave effects the record does not show.
+        self.deliveries: Any = None
+        self._parts: list[Transaction] = []
 
     def write(self, tx: Transaction) -> None:
         opened = self._open
         if opened is not None and cut_short(self._open_part, tx):
             # The feed reconnected inside a huge transaction and delivers it again from its
             # start (or moved on): the parts held open are uncommitted; undo them first.
-            self._open, self._seqs = None, []
+            self._open, self._seqs, self._parts = None, [], []
             abandon(opened)
             opened = None
         if opened is None:
             opened = self._open = self.conn.transaction()
             opened.__enter__()
-        self._open_part = (tx.xid, tx.end_lsn, tx.part)
+        self._open_part = (tx.xid, tx.commit_lsn, tx.part)
         try:
             if tx.events:
                 self.handler(self.conn, tx)
                 self._seqs.extend(e.seq for e in tx.events)
+                if self.deliveries is not None:
+                    self._parts.append(tx)
             if tx.final:
+                if self._parts:
+                    self.deliveries.record(self._parts, conn=self.conn)
                 # The stream position and the seqs themselves: a later hand-off replays by seq
                 # (from the consumer's position, which this row feeds), so it must know them too.
                 # The consumer's next checkpoint folds the seqs into its contiguous mark.
@@ -243,11 +255,12 @@ class Projection:
                 )
         except BaseException as err:
             self._open = None
-            self._seqs = []
+            self._seqs, self._parts = [], []
             opened.__exit__(type(err), err, err.__traceback__)
             raise
         if tx.final:
             self._open = None
+            self._parts = []
             self._seqs = []
             opened.__exit__(None, None, None)  # commit: the handler's writes and the position
 

@@ -71,6 +71,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log verbosity (default info)")
 
 
+def _plugin_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", choices=["wal2json", "pgoutput"], default=None,
+                   help="logical decoding plugin of the stream: wal2json (default; needs the extension, and on "
+                        "15.19+/16.15+/17.11+/18.6+ a place in output_plugin_libraries) or pgoutput (built into "
+                        "every PostgreSQL, allowed everywhere, cheaper for the server; reads a publication). A slot "
+                        "is only ever read by the plugin that made it")
+    p.add_argument("--publication", default=None, metavar="NAME",
+                   help="pgoutput: the publication to read (default cdc_<table>, e.g. cdc_events, made by cdc setup; "
+                        "made by the run if missing and the role owns the table)")
+
+
 def _table_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["cdc", "marten", "eventsourcing"], default=None,
                    help="read another event store's table: marten (mt_events), eventsourcing (stored_events)")
@@ -119,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     _table_opts(p)
     p.add_argument("--config", help="TOML file with settings (keys as the long flags, with _ for -)")
     p.add_argument("--mode", choices=["auto", "stream", "poll"], default=None,
-                   help="stream: wal2json slot; poll: gap-safe seq poller; auto (default): stream when logical "
+                   help="stream: logical replication slot (--plugin); poll: gap-safe seq poller; auto (default): stream when logical "
                         "decoding works, else poll after one warning saying why")
+    _plugin_opts(p)
+    p.add_argument("--failover-slot", action="store_true", default=None,
+                   help="PostgreSQL 17+: make the slot with failover, so a standby with sync_replication_slots = on "
+                        "keeps it and a promotion needs no hand-off (see 'Failover' in README)")
     p.add_argument("--slot", default=None, help="replication slot name, created if missing; one consumer's own (default: cdc for consumer "
                         "'default', cdc_<consumer> for any other; a slot another consumer's checkpoint records "
                         "is refused)")
@@ -205,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="preflight: is this server ready for cdc? one line per check", formatter_class=_Formatter)
     _common(p)
     _table_opts(p)
+    _plugin_opts(p)
     p.add_argument("--slot", default=None, help="slot to inspect (default: the consumer's own, as for `cdc run`)")
     p.add_argument("--config", help="TOML file with settings, as for `cdc run` (slot, table mapping, dsn)")
     p.add_argument("--feature", action="append", choices=["record-deliveries", "reconcile", "dead-letters"],
@@ -333,9 +349,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .check import main_check
         from .connection import resolve_dsn
 
-        settings = _settings(args, "slot")
+        settings = _settings(args, "slot", "plugin", "publication")
         return main_check(resolve_dsn(settings.dsn), settings.slot, _table(args, settings),
-                          ("run", *(args.feature or ())))
+                          ("run", *(args.feature or ())), settings.plugin, settings.publication)
     if cmd == "demo":
         from .demo import demo
 

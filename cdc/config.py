@@ -25,6 +25,9 @@ class Settings(BaseModel):
 
     dsn: str | None = None
     mode: Literal["auto", "stream", "poll"] = "auto"
+    plugin: Literal["wal2json", "pgoutput"] = "wal2json"
+    publication: str | None = Field(None, min_length=1, max_length=63)
+    failover_slot: bool = False
     # Empty: the consumer's own (checkpoint.default_slot), filled in once the consumer is known.
     slot: str = Field("", max_length=63, pattern=r"^[a-z0-9_]*$")
     consumer: str = Field("default", min_length=1)

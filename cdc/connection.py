@@ -62,7 +62,11 @@ def connect_error(err: Exception, dsn: str) -> Exception:
     # libpq's message spans lines ("connection to server ... failed: Connection refused",
     # "\tIs the server running ..."): keep all of it, on one line.
     text = " ".join(part.strip() for part in str(err).strip().splitlines() if part.strip()) or type(err).__name__
-    if "replication role" in text or "must be superuser or replication" in text:
+    # Up to 15: "must be superuser or replication role to start walsender"; 16+: "permission
+    # denied to start WAL sender ... Only roles with the REPLICATION attribute may start a WAL
+    # sender process."
+    if ("replication role" in text or "must be superuser or replication" in text
+            or "start WAL sender" in text or "REPLICATION attribute" in text):
         role = conninfo_user(dsn)
         return ReplicationPrivilegeError(
             f"the role {role} may not stream changes: ALTER ROLE {role} REPLICATION as a superuser (managed "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from datetime import datetime, timezone
@@ -30,19 +31,21 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import metrics
-from .checkpoint import LEGACY_SLOT, Checkpoints, Position, default_slot, mapping_json
+from .checkpoint import LEGACY_SLOT, Checkpoints, Position, Projection, default_slot, mapping_json
 from .connection import describe, mask, open_pool, resolve_dsn
-from .decoding import DEFAULT_CHUNK_EVENTS, PLUGIN_OPTIONS, Decoder
+from .decoders import DEFAULT_CHUNK_EVENTS, Plugin, new_decoder, publication_name, start_options
 from .errors import (
     CdcError,
     ConfigError,
     ConnectError,
     ConnectionLostError,
+    DecodeError,
     PluginMissingError,
     PluginNotAllowedError,
     ReplicationPrivilegeError,
     SlotInUseError,
     SlotLostError,
+    UnsupportedChangeError,
     WalLevelError,
 )
 from .events import DecimalEvent, Event, Lsn, Transaction
@@ -128,8 +131,21 @@ class Consumer:
         record_deliveries: bool = False,
         pool: ConnectionPool | None = None,
         numbers: Literal["float", "decimal"] = "float",
+        plugin: Plugin | None = None,
+        publication: str | None = None,
+        failover_slot: bool = False,
     ):
         self.dsn = resolve_dsn(dsn)
+        # None: CDC_PLUGIN, as `cdc run` reads it (and the DSN CDC_DSN), else wal2json.
+        plugin = plugin or os.environ.get("CDC_PLUGIN") or "wal2json"  # type: ignore[assignment]
+        if plugin not in ("wal2json", "pgoutput"):
+            raise ConfigError(f"plugin={plugin!r}: use 'wal2json' or 'pgoutput'")
+        # The logical decoding plugin the slot is made with and read with (see cdc.decoders);
+        # pgoutput reads the publication, made by `cdc setup` (or here, by the table's owner).
+        self.plugin: Plugin = plugin
+        self.publication = publication or publication_name(table)
+        # PostgreSQL 17+: the slot is made with failover, for sync_replication_slots on a standby.
+        self.failover_slot = failover_slot
         if numbers not in ("float", "decimal"):
             raise ConfigError(f"numbers={numbers!r}: use 'float' or 'decimal'")
         # How Event.data reads non-integer numbers (integers are exact either way).
@@ -164,6 +180,7 @@ class Consumer:
             from .deliveries import DeliveryLog
 
             self.deliveries = DeliveryLog(self.pool, consumer)
+        self._sink_records = False  # a Projection records the deliveries in its own transactions
         self._stop = False
         self._feed: Generator[Transaction, None, None] | None = None  # the iteration under way
         self._backlog_top = 0  # the highest seq of a poll catch-up's backlog
@@ -206,10 +223,22 @@ class Consumer:
         """Mark `tx` (and, on the stream, everything before it) as durably handled."""
         if tx in self._pending:
             idx = self._pending.index(tx)
+            pending = self._pending
+            while idx + 1 < len(pending) and not pending[idx + 1].events and pending[idx + 1].final:
+                idx += 1  # nothing for the caller to handle (the end of a hand-off): done with it
             done = self._pending[: idx + 1]
             del self._pending[: idx + 1]  # in place: the stream loop holds this list
             for t in done:
                 self._handled(t)
+
+    def record_deliveries_in(self, projection: Projection) -> None:
+        """With `record_deliveries`, let `projection` write the delivery record in the
+        transactions that commit its effects and its checkpoint. Otherwise the record is written
+        at the consumer's next checkpoint, and a crash in between (kill -9, a failover) leaves
+        effects that `cdc reconcile` would call missing."""
+        if self.deliveries is not None:
+            projection.deliveries = self.deliveries
+            self._sink_records = True
 
     def stop(self) -> None:
         """Ask the iteration to end after the current transaction. Safe from signal handlers."""
@@ -389,12 +418,20 @@ class Consumer:
     # -- stream ---------------------------------------------------------------------------------
 
     def _streaming(self) -> Generator[Transaction, None, None]:
-        rs = ReplicationStream(self.dsn, self.slot)
+        rs = ReplicationStream(self.dsn, self.slot, plugin=self.plugin, failover=self.failover_slot)
         self._stream = rs
         rs.open()
         metrics.STATUS.connected = True
         self._claim_slot()
         info = rs.slot_info()
+        if info is not None and info.plugin != self.plugin:
+            raise ConfigError(
+                f"slot {self.slot!r} was made by the {info.plugin} plugin and this run reads with {self.plugin}: a slot "
+                f"is only ever read by the plugin that made it; run with --plugin {info.plugin}, or give another "
+                f"--slot (or drop this one, SELECT pg_drop_replication_slot('{self.slot}'), and the next run hands "
+                "over by seq)")
+        if self.plugin == "pgoutput":
+            self._require_publication()
         held = info is not None and info.active_pid is not None
         if held:
             # A consumer restarted right after a kill -9 finds its old walsender still holding the
@@ -441,9 +478,7 @@ class Consumer:
         else:
             assert saved is not None
             start = saved
-        options = dict(PLUGIN_OPTIONS)
-        options["add-tables"] = f"{_escape_table(self.table.schema)}.{_escape_table(self.table.name)}"
-        rs.start(start, options)
+        rs.start(start, start_options(self.plugin, self.table, self.publication))
         metrics.STATUS.set_path("stream")
         metrics.STATUS.slot_valid = True
         self.path = "stream"
@@ -461,6 +496,15 @@ class Consumer:
             yield from self._stream_loop(rs)
         finally:
             self._end_catch_up()
+
+    def _require_publication(self) -> None:
+        """pgoutput sends the changes of a publication's tables: ours must be in it before a slot
+        is made or read. Missing, it is made here when this role may (it owns the table);
+        otherwise one line says which statement to run."""
+        from .store import ensure_publication
+
+        with self.pool.connection() as conn:
+            ensure_publication(conn, self.table, self.publication)
 
     def _catch_up_step(self) -> None:
         """Once a loop: how far the stream is through the catch-up (by acknowledged position)."""
@@ -508,9 +552,17 @@ class Consumer:
                 progress[0].end()
         if not finished:
             return None
-        self._acked_lsn = created.consistent_point
-        self._dirty = True
-        self._checkpoint(final=True)
+        point = created.consistent_point
+        if self._pending:
+            # auto_ack off, and the caller has not acknowledged all of the replay yet: the slot's
+            # start is recorded once it has (an empty transaction at that position, acknowledged
+            # with the replay's last one). A crash before then repeats the hand-off from the seq
+            # position, which covers exactly what was acknowledged.
+            self._pending.append(Transaction(None, point, point, None, [], "poll"))
+        else:
+            self._acked_lsn = point
+            self._dirty = True
+            self._checkpoint(final=True)
         log.info("hand-off: %s replayed from the snapshot; streaming from %s",
                  counted(progress[0].done if progress else 0, "event"), created.consistent_point)
         return created.consistent_point
@@ -542,7 +594,9 @@ class Consumer:
             # out): as above, the next run hands over again under a new slot.
             self._drop_new_slot(rs, "left before its hand-off finished")
             raise
-        except psycopg.errors.InvalidParameterValue as err:
+        except (psycopg.errors.InvalidParameterValue, psycopg.errors.UndefinedObject) as err:
+            # 22023 "invalid snapshot identifier" up to PostgreSQL 17; 42704 "snapshot ... does
+            # not exist" from 18.
             if "snapshot" not in str(err):
                 raise
             # The connection that exported it ended (a restart, a terminated walsender) before
@@ -557,7 +611,6 @@ class Consumer:
             if not isinstance(err, (ConnectionLostError, ConnectError, psycopg.OperationalError)):
                 self._drop_new_slot(rs, "its hand-off failed")
             raise
-        self._ack_pending()
         return True
 
     def _refuse_endpos_before(self, start: Lsn) -> None:
@@ -595,7 +648,7 @@ class Consumer:
                         "hand: SELECT pg_drop_replication_slot('%s')", self.slot, mask(str(err).strip()), self.slot)
 
     def _stream_loop(self, rs: ReplicationStream) -> Iterator[Transaction]:
-        decoder = Decoder(self.table, chunk_events=self.chunk_events, event_class=self.event_class)
+        decoder = new_decoder(self.plugin, self.table, chunk_events=self.chunk_events, event_class=self.event_class)
         skip_to = self._acked_lsn or Lsn(0)
         endpos = self.endpos
         stop_after = endpos if endpos is not None else _NO_END
@@ -609,11 +662,19 @@ class Consumer:
             txs.clear()
             got = rs.read(0.2, batch, _READ_BATCH)
             status.tick()
-            decode(batch, txs)
+            refused: CdcError | None = None
+            try:
+                decode(batch, txs)
+            except (DecodeError, UnsupportedChangeError) as err:
+                # What was whole before the message it refuses is delivered first: it is not held
+                # back by what comes after it. The refused message is never acknowledged.
+                refused = err
             batch.clear()  # the raw messages are decoded: free them now
             for tx in txs:
                 end = tx.end_lsn  # never None on the stream
-                if end > stop_after:  # type: ignore[operator]
+                # Decided at a transaction's first part: its later ones follow it (pgoutput's
+                # parts before the last carry a lower bound of the end, see cdc.decoders.pgoutput).
+                if end > stop_after and tx.part == 0:  # type: ignore[operator]
                     self._finish_at_endpos()
                     return
                 if end <= skip_to:  # type: ignore[operator]
@@ -642,6 +703,9 @@ class Consumer:
                 if self._stop:
                     break
             txs.clear()
+            if refused is not None and not self._stop:
+                self._checkpoint(final=True)  # what was delivered before it
+                raise refused
             if self._catch_up is not None:
                 self._catch_up_step()
             # Settle each batch (at most _READ_BATCH events); but recording deliveries is a
@@ -692,7 +756,9 @@ class Consumer:
             self._checkpoint(final=True)
 
     def _finish_at_endpos(self) -> None:
-        self._ack_pending()
+        # What the caller has not acknowledged stays so (auto_ack off: a worker may still fail on it).
+        if self.auto_ack:
+            self._ack_pending()
         self._checkpoint(final=True)
         self._stop = True
 
@@ -801,7 +867,7 @@ class Consumer:
             metrics.EVENTS.labels(path).inc(events)
             metrics.TRANSACTIONS.labels(path).inc(finals)
             metrics.LAST_DELIVERY.set(time.time())
-            if self.deliveries is not None:
+            if self.deliveries is not None and not self._sink_records:
                 self.deliveries.record(txs)
         if self._last_commit_time is not None:
             lag = max(0.0, time.time() - self._last_commit_time.timestamp())
@@ -860,11 +926,6 @@ class _ReplayLag:
             lag = max(0.0, time.time() - at)
             metrics.LAG_SECONDS.set(lag)
             metrics.STATUS.lag_seconds = lag
-
-
-def _escape_table(name: str) -> str:
-    # wal2json's add-tables takes schema.table with backslash-escaped specials (",", ".", "*").
-    return "".join("\\" + c if c in ",.* \\" else c for c in name)
 
 
 class AsyncConsumer:

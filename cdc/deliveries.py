@@ -79,8 +79,10 @@ class DeliveryLog:
         self._next_delivery = last_delivery + 1
         self._last_fence = time.monotonic()
 
-    def record(self, txs: Sequence[Transaction]) -> None:
-        """Record a batch of handled transactions: one COPY, before the checkpoint is saved."""
+    def record(self, txs: Sequence[Transaction], conn: psycopg.Connection | None = None) -> None:
+        """Record a batch of handled transactions: one COPY, before the checkpoint is saved; or,
+        given `conn`, inside its open transaction (a projection's, which commits its checkpoint
+        itself: its record then commits with its effects, or neither does)."""
         if self.run is None:
             self.start_run()
         number = self._next_delivery
@@ -101,14 +103,20 @@ class DeliveryLog:
         data = "".join(lines).encode()
         now = time.monotonic()
         fence = now - self._last_fence >= self.fence_interval
-        with self.pool.connection() as conn, conn.transaction():
-            with conn.cursor().copy(_COPY) as copy:
-                copy.write(data)
-            if fence:
-                conn.execute(_FENCE, {"c": self.consumer})
+        if conn is not None:
+            self._write(conn, data, fence)
+        else:
+            with self.pool.connection() as own, own.transaction():
+                self._write(own, data, fence)
         self._next_delivery = number
         if fence:
             self._last_fence = now
+
+    def _write(self, conn: psycopg.Connection, data: bytes, fence: bool) -> None:
+        with conn.cursor().copy(_COPY) as copy:
+            copy.write(data)
+        if fence:
+            conn.execute(_FENCE, {"c": self.consumer})
 
     def prune(self, retention_seconds: float) -> int:
         """Forget deliveries older than `retention_seconds`; return how many rows went."""

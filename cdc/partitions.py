@@ -110,7 +110,7 @@ class Partition:
             return  # applied before a restart
         if tx.part == 0:
             self._broken = None  # delivered again from its start: what broke is behind us
-        if self._broken is not None and self._broken == (tx.xid, tx.end_lsn):
+        if self._broken is not None and self._broken == (tx.xid, tx.commit_lsn):
             raise SinkError(
                 f"transaction xid={tx.xid} failed in part {tx.part} after its earlier parts were rolled "
                 "back: it must be applied again from its start (restart)"
@@ -125,7 +125,7 @@ class Partition:
             self._open = self.conn.transaction()
             self._open.__enter__()
             self._open_seqs = []
-        self._open_part = (tx.xid, tx.end_lsn, tx.part)
+        self._open_part = (tx.xid, tx.commit_lsn, tx.part)
         try:
             if events:
                 self.handler(self.conn, tx if len(events) == len(tx.events) else replace(tx, events=events))
@@ -140,7 +140,7 @@ class Partition:
                 self._committed(tx)
         except BaseException as err:
             if tx.part > 0:
-                self._broken = (tx.xid, tx.end_lsn)
+                self._broken = (tx.xid, tx.commit_lsn)
             opened, self._open = self._open, None
             if opened is not None:
                 opened.__exit__(type(err), err, err.__traceback__)

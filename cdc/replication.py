@@ -88,10 +88,11 @@ class ReplicationStream:
 
     keepalive_interval = 1.0
 
-    def __init__(self, dsn: str, slot: str, *, plugin: str = "wal2json"):
+    def __init__(self, dsn: str, slot: str, *, plugin: str = "wal2json", failover: bool = False):
         self.dsn = dsn
         self.slot = slot
         self.plugin = plugin
+        self.failover = failover  # PostgreSQL 17+: a slot a standby's slot sync keeps (sync_replication_slots)
         self.conn: psycopg.Connection | None = None
         self.pgconn: pq.abc.PGconn | None = None
         self.walsender_pid: int | None = None
@@ -156,6 +157,9 @@ class ReplicationStream:
         transactions committed before the slot's first position: valid until the next command
         on this connection, so read it before calling `start`."""
         snap = "EXPORT_SNAPSHOT" if export_snapshot else "NOEXPORT_SNAPSHOT"
+        if self.failover:
+            # The option list form (PostgreSQL 15+); FAILOVER itself is 17+.
+            snap = f"(SNAPSHOT '{'export' if export_snapshot else 'nothing'}', FAILOVER true)"
         cur = self._command(f"CREATE_REPLICATION_SLOT {quote_ident(self.slot)} LOGICAL {self.plugin} {snap}")
         row = cur.fetchone()
         assert row is not None
@@ -218,16 +222,19 @@ class ReplicationStream:
             )
         if state == "55000" and ("invalidated" in text or "can no longer get changes" in text):
             return SlotLostError(f"slot {slot!r} was invalidated ({text}): it must be recreated")
-        if state == "58P01" or "wal2json" in text and "No such file" in text:
+        if state == "58P01" or self.plugin in text and "No such file" in text:
             return PluginMissingError(
-                "the wal2json output plugin is not installed on the server: "
-                "apt-get install postgresql-<major>-wal2json (or use --mode poll)"
+                f"the {self.plugin} output plugin is not installed on the server: "
+                "apt-get install postgresql-<major>-wal2json, or use --plugin pgoutput (built in) or --mode poll"
             )
         if state == "42501" and "output plugin" in text:
             return PluginNotAllowedError(
-                "the server does not allow wal2json: add it to output_plugin_libraries "
-                "(e.g. output_plugin_libraries = 'pgoutput, test_decoding, wal2json') and reload"
+                f"the server does not allow {self.plugin}: add it to output_plugin_libraries "
+                "(e.g. output_plugin_libraries = 'pgoutput, test_decoding, wal2json') and reload, "
+                "or use --plugin pgoutput (always allowed)"
             )
+        if state == "42601" and "FAILOVER" in text.upper():
+            return SetupError(f"this server cannot make failover slots ({text}): --failover-slot needs PostgreSQL 17 or later")
         if state == "42704":
             return SlotLostError(f"slot {slot!r} does not exist ({text})")
         if state == "42710":

@@ -270,8 +270,11 @@ def run(settings: Settings) -> int:
                     stale_after=settings.stale_threshold, on_checkpoint=sink.flush,
                     record_deliveries=settings.record_deliveries or settings.reconcile,
                     reconnect=True, auto_ack=settings.workers == 1, numbers=settings.numbers,
+                    plugin=settings.plugin, publication=settings.publication, failover_slot=settings.failover_slot,
                 )
                 consumer.mark_start(started)
+                if isinstance(sink, Projection):
+                    consumer.record_deliveries_in(sink)
                 break
             except (CdcError, psycopg.OperationalError) as err:
                 if sink is not None:

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from . import jsontext
-from .errors import ConcurrencyError, EventsTableMissingError
+from .errors import ConcurrencyError, EventsTableMissingError, PublicationError
 
 NOTIFY_CHANNEL = "cdc_events"
 
@@ -201,6 +201,71 @@ def _setup(conn: psycopg.Connection) -> None:
         # Two `cdc setup` at once would race on CREATE ... IF NOT EXISTS: serialize them.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('cdc.setup'))")
         conn.execute(SCHEMA_SQL)
+        conn.execute(PUBLICATION_SQL)
+
+
+# The publication pgoutput reads (`--plugin pgoutput`): made by every setup, so a consumer can
+# switch plugins without one. Inserts, and truncates so that one stops the feed rather than
+# going unseen. A role that may not create publications (they need CREATE on the database) is
+# told, not failed: wal2json does not need it.
+PUBLICATION_SQL = """
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'cdc_events') THEN
+    CREATE PUBLICATION cdc_events FOR TABLE cdc.events WITH (publish = 'insert, truncate');
+  END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+  RAISE NOTICE 'cdc setup: publication cdc_events not created (%): --plugin pgoutput needs it', SQLERRM;
+END $$
+"""
+
+
+def create_publication_sql(table: EventTable, name: str) -> sql.Composed:
+    return sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, truncate')").format(
+        sql.Identifier(name), table.ident())
+
+
+def publication_problem(conn: psycopg.Connection, table: EventTable, name: str) -> tuple[str, str] | None:
+    """None when publication `name` publishes the table's inserts and truncates; else what is
+    wrong and the statement that fixes it."""
+    row = conn.execute("SELECT pubinsert, pubtruncate, puballtables FROM pg_publication WHERE pubname = %s",
+                       (name,)).fetchone()
+    if row is None:
+        return (f"publication {name!r} does not exist", create_publication_sql(table, name).as_string(conn))
+    pubinsert, pubtruncate, all_tables = row
+    if not all_tables and conn.execute(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+            (name, table.schema, table.name)).fetchone() is None:
+        return (f"publication {name!r} does not publish {table.qualified}",
+                sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(name), table.ident()).as_string(conn))
+    if not (pubinsert and pubtruncate):
+        return (f"publication {name!r} does not publish {'inserts' if not pubinsert else 'truncates'}",
+                sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert, truncate')").format(
+                    sql.Identifier(name)).as_string(conn))
+    return None
+
+
+def ensure_publication(conn: psycopg.Connection, table: EventTable, name: str) -> None:
+    """Make sure publication `name` serves the table: made if missing (by a role that may),
+    PublicationError with the fixing statement otherwise."""
+    problem = publication_problem(conn, table, name)
+    if problem is None:
+        return
+    what, fix = problem
+    if fix.startswith("CREATE"):
+        try:
+            with conn.transaction():
+                conn.execute(create_publication_sql(table, name))
+            return
+        except psycopg.errors.DuplicateObject:
+            problem = publication_problem(conn, table, name)  # another process made it just now
+            if problem is None:
+                return
+            what, fix = problem
+        except psycopg.Error as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise PublicationError(f"{what} and this role may not create it ({first}): run `{fix}` as the owner "
+                                   f"of {table.qualified} (for cdc.events: cdc setup)") from None
+    raise PublicationError(f"{what} (--plugin pgoutput reads it): run `{fix}`")
 
 
 def require_table(conn: psycopg.Connection, table: EventTable = DEFAULT_TABLE) -> None:

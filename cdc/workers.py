@@ -217,7 +217,7 @@ class ParallelDispatcher:
         self._failure: _Failure | None = None
         self._fail_lock = threading.Lock()
         self._running = False
-        self._dispatched: tuple[Lsn, int] | None = None  # (end_lsn, part) of the newest stream slice out
+        self._dispatched: tuple[Lsn, int] | None = None  # (commit_lsn, part) of the newest stream slice out
         self._open_parts: set[int] = set()  # workers holding parts of an unfinished huge transaction
         self.acknowledged: Transaction | None = None
         self.handled_transactions = 0
@@ -328,11 +328,12 @@ class ParallelDispatcher:
                     return
 
     def _split(self, tx: Transaction) -> list[tuple[int, Transaction]]:
-        if tx.end_lsn is not None:
+        if tx.commit_lsn is not None:
             # After a reconnect the stream resends what followed the acknowledged position:
             # slices already out must not go out again (a projection holding a huge transaction
             # open would apply its first parts twice). Their entry completes in order instead.
-            mark = (tx.end_lsn, tx.part)
+            # By commit LSN and part: a part's end_lsn is only a bound before the last (pgoutput).
+            mark = (tx.commit_lsn, tx.part)
             if self._dispatched is not None and mark <= self._dispatched:
                 return []
             self._dispatched = mark
@@ -421,9 +422,10 @@ class ParallelDispatcher:
     def _install_hooks(self) -> None:
         """Two hooks, both run on the consumer's own thread just before it saves a position:
         acknowledge what completed (so a busy or just-idle feed's checkpoint is current), and
-        refuse to save a position that covers an unfinished slice. The consumer moves its
-        position by itself at --endpos and at the end of a hand-off; this makes it wait for
-        the workers there (or fail, if one failed) instead of saving past them."""
+        refuse to save a position that covers an unfinished slice: a guard, since the consumer
+        itself never moves past what is not acknowledged (at --endpos and at the end of a
+        hand-off it waits for the acknowledgement), so a save waits for the workers (or fails,
+        if one failed) rather than going past them."""
         consumer: Any = self.consumer
         if hasattr(consumer, "on_checkpoint"):
             previous = consumer.on_checkpoint

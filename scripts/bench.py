@@ -1,6 +1,6 @@
 """cdc's benchmark: every figure a ratio against a reference measured in the same run.
 
-    scripts/bench [--quick] [--out DIR] [--only stream,latency,big] [--runs N]
+    scripts/bench [--quick] [--out DIR] [--only stream,latency,big,plugins] [--runs N]
 
 One embedded cluster (fsync off), one database a scenario so sequences and slots start clean:
 - stream drain: cdc.Consumer(endpos) into a NullSink vs pg_recvlogical -f /dev/null, same WAL,
@@ -13,7 +13,10 @@ One embedded cluster (fsync off), one database a scenario so sequences and slots
   transaction holding a sequence number for a while (the consumer runs in its own process), and
   the stream recording its deliveries (`stream_recording`: what --record-deliveries costs);
 - peak RSS of a consumer process draining 1M events, and one 1M-row transaction;
-- reconcile over 1M recorded deliveries.
+- reconcile over 1M recorded deliveries;
+- plugins (`--only plugins`): wal2json v2 and pgoutput on the same WAL, each drained by cdc and
+  by pg_recvlogical with the same plugin and options (TCP loopback), with the walsender's CPU
+  time per event for each reader (what the stream costs the primary).
 Progress on stderr; DIR/results.json, DIR/results.md, DIR/latency.png. Never asserts on speed.
 """
 
@@ -38,8 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdc import Consumer, Lsn, embedded_cluster, setup, tune_gc  # noqa: E402
-from cdc.decoding import PLUGIN_OPTIONS  # noqa: E402
+from cdc.decoders import start_options  # noqa: E402
 from cdc.sinks import JsonlSink, NullSink  # noqa: E402
+from cdc.store import DEFAULT_TABLE  # noqa: E402
 
 STARTED = time.monotonic()
 
@@ -88,9 +92,9 @@ def wal_insert_lsn(dsn: str) -> Lsn:
         return Lsn.parse(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
 
 
-def prime(dsn: str, name: str) -> None:
+def prime(dsn: str, name: str, plugin: str = "wal2json") -> None:
     """Slot `name` and consumer `name` positioned at the current WAL end, before the writes."""
-    with Consumer(dsn, consumer=name, slot=name, endpos=wal_insert_lsn(dsn)) as feed:
+    with Consumer(dsn, consumer=name, slot=name, endpos=wal_insert_lsn(dsn), plugin=plugin) as feed:  # type: ignore[arg-type]
         for _ in feed:
             pass
 
@@ -106,11 +110,11 @@ def write(dsn: str, transactions: int, per: int) -> Lsn:
     return end
 
 
-def drain_cdc(dsn: str, name: str, endpos: Lsn) -> tuple[float, int]:
+def drain_cdc(dsn: str, name: str, endpos: Lsn, plugin: str = "wal2json") -> tuple[float, int]:
     sink = NullSink()
     events = 0
     started = time.monotonic()
-    with Consumer(dsn, consumer=name, slot=name, endpos=endpos) as feed:
+    with Consumer(dsn, consumer=name, slot=name, endpos=endpos, plugin=plugin) as feed:  # type: ignore[arg-type]
         for tx in feed:
             sink.write(tx)
             events += len(tx.events)
@@ -121,8 +125,9 @@ def host(cluster: Any, transport: str) -> str:
     return "127.0.0.1" if transport == "tcp" else cluster.socket_dir
 
 
-def drain_recvlogical(cluster: Any, db: str, slot: str, endpos: Lsn, transport: str = "unix") -> float:
-    options = dict(PLUGIN_OPTIONS, **{"add-tables": "cdc.events"})
+def drain_recvlogical(cluster: Any, db: str, slot: str, endpos: Lsn, transport: str = "unix",
+                      plugin: str = "wal2json") -> float:
+    options = start_options(plugin, DEFAULT_TABLE)  # type: ignore[arg-type]
     cmd = [f"{cluster.bin_dir}/pg_recvlogical", "-h", host(cluster, transport), "-p", str(cluster.port),
            "-U", "postgres", "-d", db, "-S", slot, "--start", "--no-loop", "-E", str(endpos),
            "-f", "/dev/null"]
@@ -171,6 +176,97 @@ def bench_stream(cluster: Any, per: int, events: int, runs: int = 3, transport: 
             "recvlogical_events_per_s": round(recv_rate), "ratio": round(cdc_rate / recv_rate, 3),
             "runs": [{"cdc_events_per_s": round(events / c), "recvlogical_events_per_s": round(events / r)}
                      for c, r in zip(cdc_times, recv_times)]}
+
+
+class WalsenderCpu:
+    """The CPU time of the walsender serving `slot`, read from /proc while it runs (it exits with
+    its client): user + system seconds, at most one poll interval short."""
+
+    def __init__(self, dsn: str, slot: str):
+        self.dsn, self.slot, self.seconds = dsn, slot, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> WalsenderCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            pid = None
+            while not self._stop.is_set():
+                if pid is None:
+                    row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                                       (self.slot,)).fetchone()
+                    pid = row[0] if row else None
+                if pid is not None:
+                    try:
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        self.seconds = (int(fields[11]) + int(fields[12])) / tick
+                    except (OSError, IndexError, ValueError):
+                        pass
+                self._stop.wait(0.02)
+
+
+def bench_plugins(cluster: Any, per: int, events: int, runs: int) -> dict[str, Any]:
+    """Every plugin the server has, on the same WAL: cdc and pg_recvlogical (same plugin, same
+    options, TCP loopback) from slots made before the writes, with the walsender's CPU per event."""
+    db = f"bench_plugins_{per}"
+    dsn = psycopg.conninfo.make_conninfo(new_database(cluster, db), host="127.0.0.1")
+    plugins = ["pgoutput"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            conn.execute("SELECT pg_create_logical_replication_slot('probe', 'wal2json', true)")
+            plugins.insert(0, "wal2json")
+        except psycopg.Error:
+            say(f"plugins: the server has no wal2json (PostgreSQL {cluster.version // 10000}): pgoutput only")
+    slots = {p: ([f"cdc_{p}_{n}" for n in range(runs)], [f"recv_{p}_{n}" for n in range(runs)]) for p in plugins}
+    for plugin, (mine, theirs) in slots.items():
+        for n in mine:
+            prime(dsn, n, plugin)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for n in theirs:
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (n, plugin))
+    say(f"plugins {per}/tx: writing {events:,} events in {events // per:,} transactions")
+    endpos = write(dsn, events // per, per)
+    out: dict[str, Any] = {"events": events, "events_per_tx": per, "transport": "tcp"}
+    for plugin, (mine, theirs) in slots.items():
+        cdc_runs, recv_runs = [], []
+        for n, (cdc_slot, recv_slot) in enumerate(zip(mine, theirs)):
+            def cdc_drain() -> None:
+                with WalsenderCpu(dsn, cdc_slot) as cpu:
+                    seconds, got = drain_cdc(dsn, cdc_slot, endpos, plugin)
+                if got != events:
+                    raise SystemExit(f"cdc drained {got} events with {plugin}, expected {events}")
+                cdc_runs.append((seconds, cpu.seconds))
+
+            def recv_drain() -> None:
+                with WalsenderCpu(dsn, recv_slot) as cpu:
+                    seconds = drain_recvlogical(cluster, db, recv_slot, endpos, "tcp", plugin)
+                recv_runs.append((seconds, cpu.seconds))
+
+            for step in ((cdc_drain, recv_drain) if n % 2 == 0 else (recv_drain, cdc_drain)):
+                step()
+            say(f"plugins {per}/tx {plugin}: cdc {events / cdc_runs[-1][0]:,.0f}/s "
+                f"(walsender {cdc_runs[-1][1] / events * 1e6:.1f} µs/event), pg_recvlogical "
+                f"{events / recv_runs[-1][0]:,.0f}/s (walsender {recv_runs[-1][1] / events * 1e6:.1f} µs/event)")
+        best_cdc, best_recv = min(cdc_runs), min(recv_runs)
+        out[plugin] = {
+            "cdc_events_per_s": round(events / best_cdc[0]), "recvlogical_events_per_s": round(events / best_recv[0]),
+            "ratio": round(best_recv[0] / best_cdc[0], 3),
+            "walsender_us_per_event_cdc": round(best_cdc[1] / events * 1e6, 2),
+            "walsender_us_per_event_recvlogical": round(best_recv[1] / events * 1e6, 2),
+            "runs": [{"cdc_events_per_s": round(events / c[0]), "recvlogical_events_per_s": round(events / r[0]),
+                      "walsender_cpu_s_cdc": c[1], "walsender_cpu_s_recvlogical": r[1]}
+                     for c, r in zip(cdc_runs, recv_runs)],
+        }
+    drop_database(cluster, db)
+    return out
 
 
 def drop_database(cluster: Any, db: str) -> None:
@@ -414,6 +510,14 @@ def write_report(out: Path, results: dict[str, Any], samples: dict[str, list[flo
             rows.append(f"| stream drain, {st['events_per_tx']} event(s)/tx, {st['transport']} | "
                         f"{st['cdc_events_per_s']:,} ev/s | pg_recvlogical {st['recvlogical_events_per_s']:,} ev/s | "
                         f"{st['ratio']:.2f}x | >= {floor} |")
+    for key in ("plugins_1", "plugins_100"):
+        for plugin in ("wal2json", "pgoutput"):
+            if plugin in results.get(key, {}):
+                pl = results[key][plugin]
+                rows.append(f"| {plugin} drain, {results[key]['events_per_tx']} event(s)/tx, tcp; walsender "
+                            f"{pl['walsender_us_per_event_cdc']} vs {pl['walsender_us_per_event_recvlogical']} µs/event | "
+                            f"{pl['cdc_events_per_s']:,} ev/s | pg_recvlogical {pl['recvlogical_events_per_s']:,} ev/s "
+                            f"| {pl['ratio']:.2f}x | >= 1.0x |")
     for key in ("replay", "replay_jsonl"):
         if key in results:
             rp = results[key]
@@ -478,9 +582,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="cdc benchmarks, as ratios against pg_recvlogical and psql COPY")
     parser.add_argument("--quick", action="store_true", help="scaled down to about a minute (for CI)")
     parser.add_argument("--out", default=str(ROOT / "scripts" / "bench-results"), help="where the results go")
-    parser.add_argument("--only", default="stream,latency,big",
+    parser.add_argument("--only", default="stream,latency,big,plugins",
                         help="comma-separated parts to run: stream (drain vs pg_recvlogical), latency, "
-                             "big (replay vs COPY, peak RSS, reconcile); default all")
+                             "big (replay vs COPY, peak RSS, reconcile), plugins (wal2json and pgoutput, "
+                             "each vs pg_recvlogical, with walsender CPU per event); default all")
     parser.add_argument("--runs", type=int, default=3,
                         help="stream drains per reader, alternating cdc and pg_recvlogical; the best of "
                              "each is compared (default 3)")
@@ -489,9 +594,9 @@ def main() -> None:
     if quick:
         args.runs = 1  # --quick proves the bench works; its figures are not for comparison
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = parts - {"stream", "latency", "big"}
+    unknown = parts - {"stream", "latency", "big", "plugins"}
     if unknown:
-        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from stream, latency, big")
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from stream, latency, big, plugins")
     single, multi, big = (20_000, 50_000, 100_000) if quick else (300_000, 500_000, 1_000_000)
     lat_seconds = 2.0 if quick else 10.0
     results: dict[str, Any] = {"quick": quick}
@@ -516,6 +621,9 @@ def main() -> None:
                         samples[key] = stats.pop("samples")
                         latency[key] = stats
             results["latency_ms"] = latency
+        if "plugins" in parts:
+            results["plugins_1"] = bench_plugins(cluster, 1, single, args.runs)
+            results["plugins_100"] = bench_plugins(cluster, 100, multi, args.runs)
         if "big" in parts:
             big_results = bench_big(cluster, big, quick)
             results["replay"] = big_results["replay_null"]

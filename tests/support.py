@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -12,6 +13,12 @@ import orjson
 import psycopg
 
 from cdc import Consumer, Lsn, Transaction, store
+
+# The plugin the suite's streams use: wal2json, or pgoutput where scripts/test runs the suite on a
+# server without wal2json (CDC_PLUGIN=pgoutput, as `cdc run` and Consumer read it too).
+PLUGIN = os.environ.get("CDC_PLUGIN") or "wal2json"
+# The name of the `cdc check` line that proves the plugin can serve.
+PLUGIN_CHECK = "wal2json" if PLUGIN == "wal2json" else "publication"
 
 
 class Rollback(Exception):

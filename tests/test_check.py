@@ -12,6 +12,8 @@ from cdc import store
 from cdc.check import CheckResult, format_results, main_check, run_checks
 from cdc.embedded import embedded_cluster
 
+from .support import PLUGIN, PLUGIN_CHECK
+
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
     return {r.name: r for r in results}
@@ -22,7 +24,7 @@ def test_all_checks_pass_on_a_set_up_logical_server(dsn: str, capsys: pytest.Cap
     assert [r for r in results if not r.ok] == []
     names = [r.name for r in results]
     assert names[0] == "server"
-    assert {"wal_level", "wal2json", "replication_privilege", "select_privilege", "slot",
+    assert {"wal_level", PLUGIN_CHECK, "replication_privilege", "select_privilege", "slot",
             "events_table", "events_seq"} <= set(names)
     assert main_check(dsn) == 0
     out = capsys.readouterr().out
@@ -60,7 +62,7 @@ def test_replica_wal_level_fails_with_the_fix() -> None:
     assert not results["wal_level"].ok
     assert results["wal_level"].detail.startswith("replica")
     assert "wal_level = logical" in (results["wal_level"].fix or "")
-    assert results["wal2json"].skipped
+    assert results[PLUGIN_CHECK].skipped or PLUGIN == "pgoutput"
     assert results["events_table"].ok
     line = format_results([results["wal_level"]])
     assert line.startswith("FAIL wal_level: replica") and "— fix: ALTER SYSTEM SET wal_level = logical" in line
@@ -74,7 +76,7 @@ def test_role_without_replication_fails(server, dsn: str) -> None:  # type: igno
         results = by_name(run_checks(psycopg.conninfo.make_conninfo(dsn, user=role)))
         assert not results["replication_privilege"].ok
         assert "REPLICATION" in (results["replication_privilege"].fix or "")
-        assert results["wal2json"].skipped
+        assert results[PLUGIN_CHECK].skipped or PLUGIN == "pgoutput"
         assert not results["select_privilege"].ok
         assert "GRANT SELECT ON cdc.events" in (results["select_privilege"].fix or "")
     finally:
@@ -103,7 +105,7 @@ def test_altered_table_shape_fails(conn: psycopg.Connection, dsn: str) -> None:
 
 
 def test_existing_slot_reports_its_state(conn: psycopg.Connection, dsn: str) -> None:
-    conn.execute("SELECT pg_create_logical_replication_slot('cdc', 'wal2json')")
+    conn.execute("SELECT pg_create_logical_replication_slot('cdc', %s)", (PLUGIN,))
     conn.execute("CREATE TABLE filler AS SELECT generate_series(1, 1000) AS n")
     result = by_name(run_checks(dsn))["slot"]
     assert result.ok
@@ -120,7 +122,7 @@ def test_lost_slot_fails_with_drop_it() -> None:
     with embedded_cluster(fast=True, settings={"max_slot_wal_keep_size": "1MB"}) as cluster:
         with psycopg.connect(cluster.dsn, autocommit=True) as c:
             store.setup(c)
-            c.execute("SELECT pg_create_logical_replication_slot('cdc', 'wal2json')")
+            c.execute("SELECT pg_create_logical_replication_slot('cdc', %s)", (PLUGIN,))
             c.execute("CREATE TABLE filler (n int)")
             for _ in range(3):
                 c.execute("INSERT INTO filler SELECT generate_series(1, 1000)")
@@ -153,9 +155,34 @@ def test_events_table_and_sequence_are_read_without_schema_usage(server, dsn: st
     try:
         results = by_name(run_checks(psycopg.conninfo.make_conninfo(dsn, user=role)))
         assert results["events_table"].ok and results["events_seq"].ok
-        assert results["replication_privilege"].ok and results["wal2json"].ok
+        assert results["replication_privilege"].ok and results[PLUGIN_CHECK].ok
         assert results["select_privilege"].fix == (
             f"GRANT SELECT ON cdc.events TO {role}; GRANT USAGE ON SCHEMA cdc TO {role}")
     finally:
         with psycopg.connect(server.admin_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_pgoutput_checks_the_publication_instead_of_a_plugin(conn: psycopg.Connection, dsn: str) -> None:
+    results = by_name(run_checks(dsn, plugin="pgoutput"))
+    assert "wal2json" not in results and results["publication"].ok, results["publication"]
+    assert "cdc_events publishes inserts and truncates of cdc.events" in results["publication"].detail
+    conn.execute("DROP PUBLICATION cdc_events")
+    missing = by_name(run_checks(dsn, plugin="pgoutput"))["publication"]
+    assert not missing.ok and "publication 'cdc_events' does not exist" in missing.detail
+    assert missing.fix is not None and "CREATE PUBLICATION" in missing.fix and "cdc setup" in missing.fix
+    conn.execute("CREATE TABLE other (n int)")
+    conn.execute("CREATE PUBLICATION cdc_events FOR TABLE cdc.events, other WITH (publish = 'insert')")
+    partial = by_name(run_checks(dsn, plugin="pgoutput"))["publication"]
+    assert not partial.ok and "does not publish truncates" in partial.detail
+    conn.execute("ALTER PUBLICATION cdc_events SET (publish = 'insert, truncate')")
+    wide = by_name(run_checks(dsn, plugin="pgoutput"))["publication"]
+    assert not wide.ok and "also publishes 1 other tables (public.other)" in wide.detail
+
+
+def test_a_slot_of_the_other_plugin_says_which_plugin_reads_it(conn: psycopg.Connection, dsn: str) -> None:
+    conn.execute("SELECT pg_create_logical_replication_slot('cdc', 'pgoutput')")
+    result = by_name(run_checks(dsn, plugin="wal2json"))["slot"]
+    assert not result.ok and "plugin pgoutput, not wal2json" in result.detail
+    assert result.fix is not None and result.fix.startswith("use --plugin pgoutput")
+    assert by_name(run_checks(dsn, plugin="pgoutput"))["slot"].ok

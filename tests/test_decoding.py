@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc.decoding import Decoder
+from cdc.decoders.wal2json import Decoder
 from cdc.errors import DecodeError, UnsupportedChangeError
 from cdc.events import Lsn
 

@@ -76,7 +76,12 @@ def test_poll_endpos_waits_for_a_transaction_holding_a_seq_then_stops(dsn: str, 
         [sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--mode", "poll", "--consumer", "p", "--sink", f"jsonl:{out}",
          "--endpos", str(end)], stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2.0)
+        # The four below the held seq arrive (however long a loaded machine takes to start the
+        # run); then, a while later, the run is still waiting and has delivered nothing more.
+        deadline = time.monotonic() + 30
+        while len(_seqs(out)) < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(1.0)
         assert proc.poll() is None, f"stopped before the held transaction ended: {proc.stderr.read() if proc.stderr else ''}"
         assert len(_seqs(out)) == 4, "only the events below the held seq are deliverable yet"
         held.commit()

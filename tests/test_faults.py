@@ -131,6 +131,9 @@ def test_server_fault_mid_stream_reconnects_and_loses_nothing(dsn, server, tmp_p
     prime(dsn, "srv")
     proc = cdc_run(dsn, *FAST, "--consumer", "srv", "--sink", f"jsonl:{out}", log=log)
     try:
+        # A run that meets a missing server while it is still starting fails at once, by design
+        # (a wrong DSN must not be retried for minutes): the faults come once it streams.
+        _wait_log(log, "streaming from slot", proc, timeout=30)
         with Writers(dsn, writers=4, big=0.05, rollback=0.2, pause=0.02):
             for _ in range(2):
                 time.sleep(1.5)

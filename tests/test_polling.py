@@ -22,6 +22,8 @@ from cdc.replication import ReplicationStream
 from cdc.sinks import CallbackSink, NullSink
 from cdc.store import EventTable
 
+from .support import PLUGIN
+
 INSERT = """
 INSERT INTO cdc.events (stream_id, version, type, data)
 SELECT %s, v, 'Happened', jsonb_build_object('v', v) FROM generate_series(1, %s) v
@@ -280,7 +282,7 @@ def test_replay_hands_over_history_in_seq_order_up_to_the_bound(conn, pool, caps
 
 def test_read_snapshot_sees_exactly_what_the_slot_snapshot_saw(dsn, conn):
     before = insert(conn, 5)
-    stream = ReplicationStream(dsn, "snap_test")
+    stream = ReplicationStream(dsn, "snap_test", plugin=PLUGIN)
     stream.open()
     try:
         created = stream.create_slot(export_snapshot=True)

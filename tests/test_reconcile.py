@@ -13,14 +13,17 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cdc import checkpoint, decoding, store
+from cdc import checkpoint, store
+from cdc.decoders import new_decoder, start_options
 from cdc.deliveries import DeliveryLog, take_fence
 from cdc.events import Lsn, Transaction
 from cdc.metrics import RECONCILE_FINDINGS
 from cdc.reconcile import ShadowReconciler, reconcile, run_cli
 from cdc.replication import ReplicationStream
 
-OPTIONS = {**decoding.PLUGIN_OPTIONS, "add-tables": "cdc.events"}
+from .support import PLUGIN
+
+OPTIONS = start_options(PLUGIN, store.DEFAULT_TABLE)  # type: ignore[arg-type]
 SECRET = "do-not-log-this-payload"
 
 
@@ -34,7 +37,7 @@ class StreamConsumer:
         self.log = DeliveryLog(pool, consumer, fence_interval=fence_interval)
 
     def create_slot(self) -> None:
-        stream = ReplicationStream(self.dsn, self.slot)
+        stream = ReplicationStream(self.dsn, self.slot, plugin=PLUGIN)
         stream.open()
         try:
             stream.create_slot()
@@ -54,9 +57,9 @@ class StreamConsumer:
         """A new run; consume until `stop` is set and then until a heartbeat sent after it."""
         self.log.start_run()
         position = self.checkpoints.load()
-        stream = ReplicationStream(self.dsn, self.slot)
+        stream = ReplicationStream(self.dsn, self.slot, plugin=PLUGIN)
         stream.open()
-        decoder = decoding.Decoder()
+        decoder = new_decoder(PLUGIN, store.DEFAULT_TABLE)  # type: ignore[arg-type]
         handled: list[Transaction] = []
         until: Lsn | None = None if stop is not None else self.heartbeat()
         deadline = time.monotonic() + timeout

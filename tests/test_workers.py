@@ -374,8 +374,7 @@ def test_handler_error_at_endpos_saves_no_position_past_the_failed_slice(dsn, co
     before = _saved_lsn(conn, "fe")
     with pytest.raises(RuntimeError, match="projection failed"), ParallelDispatcher(consumer, handle, workers=4) as d:
         d.run()
-    with pytest.raises(RuntimeError, match="projection failed"):
-        consumer.close()  # refuses to save the position the consumer reached by itself
+    consumer.close()  # saves what was acknowledged: the consumer never moves past the failed slice itself
     saved = _saved_lsn(conn, "fe")
     assert before <= saved < endpos and _slot_flush(conn, "cdc_fe") <= saved
     # The failed transaction comes again.

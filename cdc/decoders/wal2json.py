@@ -16,15 +16,13 @@ from typing import Any
 import msgspec
 import orjson
 
-from .errors import DecodeError, UnsupportedChangeError
-from .events import Event, Lsn, Transaction
-from .jsontext import from_bytes, from_text, one_line
-from .store import DEFAULT_TABLE, EventTable
-
-DEFAULT_CHUNK_EVENTS = 10_000
+from ..errors import DecodeError, UnsupportedChangeError
+from ..events import Event, Lsn, Transaction
+from ..store import DEFAULT_TABLE, EventTable
+from .rows import DEFAULT_CHUNK_EVENTS, altered, jsonb_text, mapped_columns, parse_lsn, payload_reader
 
 # The plugin options the decoder relies on, besides add-tables (from the mapping).
-PLUGIN_OPTIONS: dict[str, str] = {
+OPTIONS: dict[str, str] = {
     "format-version": "2",
     "include-xids": "1",
     "include-timestamp": "1",
@@ -76,31 +74,12 @@ _unpack_start = struct.Struct("!Q").unpack_from
 _new_lsn = int.__new__
 
 
-def parse_lsn(text: str) -> Lsn:
-    hi, _, lo = text.partition("/")
-    return Lsn((int(hi, 16) << 32) | int(lo, 16))
-
-
-def _payload_reader(table: EventTable, column: str | None) -> Callable[[Any], str]:
-    """How a data/metadata value becomes the event's JSON text, never parsed on the way: jsonb
-    arrives as its text in a JSON string (taken as it is); bytea as hex (its bytes if they are
-    JSON, else the hex as a JSON string); text as JSON if it is, else as a JSON string."""
-    encoding = table.payload_encoding.get(column, "jsonb") if column else "text"
-    if encoding == "jsonb":
-        return _jsonb_text
-    if encoding == "bytea":
-        def bytea(value: str) -> str:
-            return from_bytes(bytes.fromhex(value[2:] if value.startswith("\\x") else value))
-        return bytea
-    return lambda value: from_text(value if value.__class__ is str else orjson.dumps(value).decode())
-
-
 def _event_builder(table: EventTable, new: type[Event]) -> Callable[[dict[str, Any]], Event]:
     """One closure per mapping: the per-insert work is lookups and conversions only. A column
     the mapping lacks is looked up as None, which no message has: the field stays None."""
     seq, stream_id, version, etype = table.seq, table.stream_id, table.version, table.type
     data, metadata, created_at = table.data, table.metadata, table.created_at
-    read_data, read_metadata = _payload_reader(table, data), _payload_reader(table, metadata)
+    read_data, read_metadata = payload_reader(table, data), payload_reader(table, metadata)
 
     def build(values: dict[Any, Any]) -> Event:
         get = values.get
@@ -134,7 +113,7 @@ def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Calla
     if not all(c and c in names for c in columns) or encodings - {"jsonb"}:
         return None
     i_seq, i_sid, i_ver, i_type, i_data, i_meta, i_time = (names.index(c) for c in columns)  # type: ignore[arg-type]
-    timestamp, as_text = _timestamp, _jsonb_text
+    timestamp, as_text = _timestamp, jsonb_text
 
     def row(c: list[_Column]) -> Event:
         sid, d, m, t = c[i_sid].value, c[i_data].value, c[i_meta].value, c[i_time].value
@@ -154,14 +133,6 @@ def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Calla
         )
 
     return row
-
-
-def _jsonb_text(value: Any) -> Any:
-    """A jsonb/json value as wal2json sent it → its text: a string as it is (a json column's line
-    breaks made spaces), anything else (a plugin printing json bare) serialised; None stays."""
-    if value is None or value.__class__ is str:
-        return value if value is None else one_line(value)
-    return orjson.dumps(value).decode()
 
 
 class Decoder:
@@ -190,9 +161,7 @@ class Decoder:
         self._end_lsn: Lsn | None = None
         self._time: datetime | None = None
         self._nextlsn = "0/0"
-        cols = (table.seq, table.stream_id, table.version, table.type, table.data,
-                table.metadata, table.created_at, table.xid)
-        self._known = frozenset(c for c in cols if c)
+        self._known = mapped_columns(table)
         self._required = self._known  # every mapped column: one dropped or renamed stops the feed
         self._name, self._schema, self._strict = table.name, table.schema, table.strict
         self._build = _event_builder(table, event_class)
@@ -386,17 +355,7 @@ class Decoder:
         self._layout = (len(names), names[-1], row) if row is not None and names else (-1, None, _no_row)
 
     def _altered(self, values: dict[str, Any], lsn: int) -> UnsupportedChangeError:
-        missing = sorted(self._required - set(values))
-        if missing:
-            return UnsupportedChangeError(
-                f"{self.table.qualified} has no column {', '.join(missing)} at {Lsn(lsn)}: the table was altered "
-                "(a column dropped or renamed); undo the change or map the table (--preset, --*-column)"
-            )
-        extra = sorted(set(values) - self._known)
-        return UnsupportedChangeError(
-            f"{self.table.qualified} has columns cdc does not know ({', '.join(extra)}) at {Lsn(lsn)}: "
-            "the table was altered; undo the change or map the table (--preset, --*-column)"
-        )
+        return altered(self.table, self._known, self._required, values, Lsn(lsn))
 
     def _error(self, what: str, payload: bytes | memoryview, lsn: int) -> DecodeError:
         raw = bytes(payload)
