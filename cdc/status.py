@@ -38,6 +38,7 @@ class ConsumerStatus:
     recorded_runs: int
     table: str
     mapping: dict[str, Any] | None
+    slot_plugin: str | None = None  # wal2json or pgoutput: the plugin that made the slot (and reads it)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()}
@@ -49,7 +50,8 @@ class ConsumerStatus:
             slot = f"slot {self.slot} missing (the next run hands over anew)"
         else:
             state = f"active pid {self.slot_active_pid}" if self.slot_active_pid else "inactive"
-            slot = f"slot {self.slot} {state}, {self.slot_wal_status}, retains {_size(self.retained_wal_bytes)}"
+            slot = (f"slot {self.slot} ({self.slot_plugin}) {state}, {self.slot_wal_status}, "
+                    f"retains {_size(self.retained_wal_bytes)}")
             if self.lag_bytes is not None:
                 slot += f", lag {_size(self.lag_bytes)}"
         behind = "?" if self.events_behind is None else f"{self.events_behind:,}"
@@ -68,11 +70,12 @@ def consumers(conn: psycopg.Connection, only: str | None = None) -> list[Consume
         "SELECT c.consumer, c.lsn::text, c.seq, c.seqs_above, c.updated_at, c.slot, c.mapping, c.unrecorded, "
         " s.slot_name IS NOT NULL, s.active_pid, s.wal_status, "
         " (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END - s.restart_lsn)::bigint, "
-        " (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END - s.confirmed_flush_lsn)::bigint "
+        " (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END - s.confirmed_flush_lsn)::bigint, "
+        " s.plugin "
         "FROM cdc.checkpoints c LEFT JOIN pg_replication_slots s ON s.slot_name = c.slot "
         "WHERE %(only)s::text IS NULL OR c.consumer = %(only)s ORDER BY c.consumer", {"only": only}).fetchall()
     out = []
-    for (name, lsn, seq, above, at, slot, mapping, unrecorded, exists, pid, wal_status, retained, lag) in rows:
+    for (name, lsn, seq, above, at, slot, mapping, unrecorded, exists, pid, wal_status, retained, lag, plugin) in rows:
         table = saved_mapping(conn, name) or DEFAULT_TABLE
         runs, last = _record(conn, name)
         open_window = bool(unrecorded) and "to_seq" not in unrecorded[-1]
@@ -80,7 +83,7 @@ def consumers(conn: psycopg.Connection, only: str | None = None) -> list[Consume
             name, lsn, int(seq), at, slot, bool(exists), pid, wal_status,
             int(retained) if retained is not None else None, max(int(lag), 0) if lag is not None else None,
             _behind(conn, table, int(seq), len(above or ())), last, runs > 0 and not open_window, runs,
-            table.qualified, mapping))
+            table.qualified, mapping, plugin))
     return out
 
 

@@ -130,3 +130,19 @@ def test_a_failover_slot_survives_promotion_and_the_stream_goes_on_without_a_han
             assert "reconnecting" in text, tail(log, 20)
             after = text[text.index("reconnecting"):]
             assert "replaying from seq" not in after and "slot does not exist" not in after, tail(log, 30)
+
+
+def test_failover_slot_is_made_on_17_and_refused_in_one_line_before(dsn, conn):
+    version = conn.execute("SHOW server_version_num").fetchone()[0]
+    from cdc import Consumer
+    from cdc.errors import SetupError
+
+    if int(version) >= 170000:
+        with Consumer(dsn, consumer="fo", failover_slot=True, endpos="now") as feed:
+            assert list(feed) == []
+        assert sql(dsn, "SELECT failover FROM pg_replication_slots WHERE slot_name = %s", (default_slot("fo"),)) == [(True,)]
+        return
+    with pytest.raises(SetupError, match="this server cannot make failover slots .*needs PostgreSQL 17 or later"):
+        with Consumer(dsn, consumer="fo", failover_slot=True, endpos="now") as feed:
+            list(feed)
+    assert sql(dsn, "SELECT count(*) FROM pg_replication_slots")[0][0] == 0

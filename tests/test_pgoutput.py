@@ -33,7 +33,7 @@ def cstr(text: str) -> bytes:
 def relation(columns=COLUMNS, oid=OID, schema="cdc", name="events") -> bytes:
     body = struct.pack("!I", oid) + cstr(schema) + cstr(name) + b"d" + struct.pack("!H", len(columns))
     for c in columns:
-        body += b"\0" + cstr(c) + struct.pack("!Ii", 25, -1)
+        body += b"\0" + cstr(c) + struct.pack("!Ii", 3802 if c in ("data", "metadata") else 25, -1)
     return b"R" + body
 
 

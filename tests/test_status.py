@@ -10,7 +10,7 @@ import orjson
 
 from cdc.checkpoint import default_slot
 
-from .support import append_events
+from .support import PLUGIN, append_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +35,7 @@ def test_status_shows_each_consumer_checkpoint_slot_lag_recording_and_mapping(ds
     assert not plain["records_deliveries"] and plain["last_delivery_at"] is None
     for c, name in ((rec, "rec"), (plain, "plain")):
         assert c["slot"] == default_slot(name) and c["slot_exists"] and c["slot_active_pid"] is None
+        assert c["slot_plugin"] == PLUGIN
         assert c["checkpoint_seq"] == 3 and c["events_behind"] == 2 and c["checkpoint_lsn"]
         assert c["retained_wal_bytes"] > 0 and c["lag_bytes"] > 0
         assert c["table"] == "cdc.events" and c["mapping"]["name"] == "events"
@@ -42,6 +43,7 @@ def test_status_shows_each_consumer_checkpoint_slot_lag_recording_and_mapping(ds
     lines = text.stdout.splitlines()
     assert text.returncode == 0 and len(lines) == 2, text.stdout
     assert lines[0].startswith("plain: checkpoint ") and "2 events behind in cdc.events" in lines[0]
+    assert f"slot {default_slot('plain')} ({PLUGIN}) inactive" in lines[0], lines[0]
     assert "reconcile cannot check it" in lines[0] and "records deliveries (1 run" in lines[1], lines
     one = cdc("status", "--dsn", dsn, "--consumer", "rec")
     assert one.returncode == 0 and one.stdout.startswith("rec: ") and len(one.stdout.splitlines()) == 1

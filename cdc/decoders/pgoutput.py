@@ -37,7 +37,7 @@ from typing import Any
 from ..errors import DecodeError, UnsupportedChangeError
 from ..events import Event, Lsn, Transaction
 from ..store import DEFAULT_TABLE, EventTable
-from .rows import DEFAULT_CHUNK_EVENTS, altered, mapped_columns, payload_reader
+from .rows import DEFAULT_CHUNK_EVENTS, altered, jsonb_text, mapped_columns, payload_reader
 
 log = logging.getLogger("cdc.decoders.pgoutput")
 
@@ -50,6 +50,7 @@ _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _COLUMN_TAIL = struct.Struct("!Ii")  # type oid, type modifier
 _HEADER = 25                        # 'w', start, end, send time: then the plugin's bytes
+_JSONB = 3802                       # pg_type oid of jsonb
 _PG_EPOCH_UNIX = 946_684_800
 _fromtimestamp = datetime.fromtimestamp
 _timestamp = datetime.fromisoformat
@@ -60,6 +61,10 @@ def options(publication: str) -> dict[str, str]:
     """START_REPLICATION options: protocol 1 (every server since 10), our publication, and
     logical messages (heartbeats go through them)."""
     return {"proto_version": PROTO_VERSION, "publication_names": publication, "messages": "true"}
+
+
+def _as_is(text: str) -> str:
+    return text
 
 
 def _commit_time(us: int) -> datetime:
@@ -83,11 +88,12 @@ class _Relation:
         return f"{self.schema}.{self.name}"
 
 
-def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Callable[[list[Any]], Event]:
+def _row_builder(table: EventTable, names: list[str], types: list[int], new: type[Event]) -> Callable[[list[Any]], Event]:
     """The events table's row → an Event. The row is the columns' text as bytes (None for null)
     in relation order, plus one None at the end, where every column the mapping lacks points:
     per row, only lookups and conversions, no test of what the layout has. Integers are read from
-    the bytes directly; only the text fields are decoded (the xid column not at all)."""
+    the bytes directly; only the text fields are decoded (the xid column not at all). A jsonb
+    payload's text is taken as it is: jsonb's output has no line breaks to fold."""
     absent = len(names)
 
     def at(column: str | None) -> int:
@@ -96,6 +102,10 @@ def _row_builder(table: EventTable, names: list[str], new: type[Event]) -> Calla
     i_seq, i_sid, i_ver, i_type = at(table.seq), at(table.stream_id), at(table.version), at(table.type)
     i_data, i_meta, i_time = at(table.data), at(table.metadata), at(table.created_at)
     read_data, read_meta = payload_reader(table, table.data), payload_reader(table, table.metadata)
+    if i_data < absent and types[i_data] == _JSONB and read_data is jsonb_text:
+        read_data = _as_is
+    if i_meta < absent and types[i_meta] == _JSONB and read_meta is jsonb_text:
+        read_meta = _as_is
     timestamp = _timestamp
 
     def build(v: list[Any]) -> Event:
@@ -287,9 +297,10 @@ class Decoder:
             pos += 1  # replica identity
             count = _U16.unpack_from(raw, pos)[0]
             pos += 2
-            columns = []
+            columns, types = [], []
             for _ in range(count):
                 column, pos = _cstring(raw, pos + 1)  # after the flags
+                types.append(_COLUMN_TAIL.unpack_from(raw, pos)[0])
                 pos += _COLUMN_TAIL.size
                 columns.append(column)
         except (ValueError, struct.error, UnicodeDecodeError) as err:
@@ -298,7 +309,7 @@ class Decoder:
         if schema == self.table.schema and name == self.table.name:
             if self._strict and not self._known.issuperset(columns) or not self._required.issubset(columns):
                 raise altered(self.table, self._known, self._required, columns, Lsn(_start(m)))
-            build = _row_builder(self.table, columns, self._new)
+            build = _row_builder(self.table, columns, types, self._new)
         self._relations[oid] = _Relation(oid, schema, name, columns, build)
 
     def _foreign(self, rel: _Relation, what: str, m: memoryview) -> None:
