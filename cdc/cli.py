@@ -179,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numbers", choices=["float", "decimal"], default=None,
                    help="python: sinks: how Event.data reads non-integer numbers (integers are exact either way): "
                         "float (default) or decimal (exact). Other sinks write the payload's exact text regardless")
+    g = p.add_argument_group("nats sink", "--sink nats://[user:pass@|token@]host:port[,host:port] (tls:// for TLS): one "
+                                         "message per event into a JetStream stream, exactly once (Nats-Msg-Id from the "
+                                         "event's seq), a transaction in atomic batches where the stream allows them")
+    g.add_argument("--nats-stream", default=None, help="the JetStream stream, created if missing (default CDC)")
+    g.add_argument("--nats-subject", default=None,
+                   help="subject template (default cdc.events.{stream_id}; the stream id percent-encodes . * > % and "
+                        "whitespace, so it is one token)")
+    g.add_argument("--nats-token", default=None, help="auth token (or in the URL: nats://TOKEN@host:port; or CDC_NATS_TOKEN)")
+    g.add_argument("--nats-creds", default=None, metavar="FILE", help="NATS credentials file (JWT and NKey)")
+    g.add_argument("--nats-tls-ca", default=None, metavar="FILE", help="CA certificate to verify a tls:// server")
+    g.add_argument("--nats-replicas", type=int, default=None, help="replicas of a stream cdc creates (default 1; 3 on a cluster)")
     p.add_argument("--webhook-secret", default=None, help="sign webhook bodies: X-Cdc-Signature: sha256=HMAC (or CDC_WEBHOOK_SECRET)")
     p.add_argument("--standby", action="store_true", default=None,
                    help="when the slot is held by another cdc, wait as a hot standby and take over when it dies")

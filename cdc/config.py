@@ -50,6 +50,13 @@ class Settings(BaseModel):
     max_attempts: int = Field(5, ge=1)
     on_poison: Literal["stop", "dead-letter"] = "stop"
     webhook_secret: str | None = None
+    # --sink nats://...: the JetStream stream, the subject template, credentials (see jetstream.py).
+    nats_stream: str = Field("CDC", min_length=1, pattern=r"^[^.*> \t]+$")
+    nats_subject: str = "cdc.events.{stream_id}"
+    nats_token: str | None = None
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
+    nats_replicas: int = Field(1, ge=1, le=5)
     standby: bool = False
     workers: int = Field(1, ge=1, le=256)
     log_format: Literal["text", "json"] = "text"
@@ -89,7 +96,9 @@ class Settings(BaseModel):
         kind, _, arg = v.partition(":")
         if kind in ("stdout", "null") and not arg or kind in ("jsonl", "webhook", "python") and arg:
             return v
-        raise ValueError("use stdout, null, jsonl:PATH, webhook:URL or python:MODULE:FUNCTION")
+        if kind in ("nats", "tls") and arg.startswith("//") and len(arg) > 2:
+            return v
+        raise ValueError("use stdout, null, jsonl:PATH, webhook:URL, python:MODULE:FUNCTION or nats://HOST:PORT")
 
 
 ENV_PREFIX = "CDC_"

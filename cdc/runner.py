@@ -18,7 +18,7 @@ from .checkpoint import Projection
 from .config import Settings
 from .connection import connect, conninfo_user, resolve_dsn, server_not_ready
 from .consumer import Consumer
-from .errors import CdcError, SinkError, SlotInUseError
+from .errors import CdcError, ConfigError, SinkError, SlotInUseError
 from .events import Lsn, Transaction, wire_records
 from .partitions import Partition
 from .progress import counted
@@ -261,7 +261,7 @@ def run(settings: Settings) -> int:
             sink = None
             try:
                 started, table = _at_start(dsn, settings, table)  # before the sink's set-up and helpers write
-                sink, projection_conn = _open_sink(settings, dsn, stop)
+                sink, projection_conn = _open_sink(settings, dsn, stop, table)
                 consumer = Consumer(
                     dsn, consumer=settings.consumer, slot=settings.slot, mode=settings.mode, table=table,
                     endpos=_endpos(settings.endpos),
@@ -305,7 +305,18 @@ def run(settings: Settings) -> int:
             server.close()
 
 
-def _open_sink(settings: Settings, dsn: str, stop: threading.Event) -> tuple[Sink, psycopg.Connection | None]:
+def _open_sink(settings: Settings, dsn: str, stop: threading.Event,
+               table: EventTable | None = None) -> tuple[Sink, psycopg.Connection | None]:
+    if settings.sink.startswith(("nats://", "tls://")):
+        from .jetstream import JetStreamSink, Target
+
+        if settings.workers > 1:
+            raise ConfigError("--workers N with a nats sink: JetStream keeps per-subject order for one publisher; "
+                              "run it with --workers 1")
+        target = Target.parse(settings.sink, stream=settings.nats_stream, subject=settings.nats_subject,
+                              token=settings.nats_token, creds=settings.nats_creds, tls_ca=settings.nats_tls_ca,
+                              replicas=settings.nats_replicas)
+        return JetStreamSink(target, table=(table or DEFAULT_TABLE).qualified, stop_event=stop), None
     if settings.sink.startswith("python:"):
         handler = load_callable(settings.sink.removeprefix("python:"))
         if settings.workers > 1:

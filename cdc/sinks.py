@@ -165,5 +165,5 @@ def open_sink(spec: str) -> Sink:
 
         return WebhookSink(arg)
     raise ConfigError(
-        f"unknown sink {spec!r}: use stdout, null, jsonl:PATH, webhook:URL or python:MODULE:FUNCTION"
+        f"unknown sink {spec!r}: use stdout, null, jsonl:PATH, webhook:URL, python:MODULE:FUNCTION or nats://HOST:PORT"
     )

@@ -110,13 +110,13 @@ def test_a_failover_slot_survives_promotion_and_the_stream_goes_on_without_a_han
                 slot = default_slot("fs")
                 assert sql(primary.dsn, "SELECT failover FROM pg_replication_slots WHERE slot_name = %s",
                            (slot,)) == [(True,)]
+                # Synced, and persistent: a synced slot still temporary (not yet caught up with the
+                # primary's) is dropped at promotion. Waited for before the writers: on a loaded
+                # machine a slot that keeps moving takes long to sync; once persistent it stays so.
+                assert wait_for(lambda: sql(standby.dsn, "SELECT synced AND NOT temporary FROM pg_replication_slots "
+                                                         "WHERE slot_name = %s", (slot,)) == [(True,)], timeout=120), \
+                    "the standby never synced the slot"
                 with Writers(dsn, writers=3, rollback=0.2, pause=0.01):
-                    time.sleep(1)
-                    # Synced, and persistent: a synced slot still temporary (not yet caught up
-                    # with the primary's) is dropped at promotion.
-                    assert wait_for(lambda: sql(standby.dsn, "SELECT synced AND NOT temporary FROM pg_replication_slots "
-                                                             "WHERE slot_name = %s", (slot,)) == [(True,)], timeout=60), \
-                        "the standby never synced the slot"
                     time.sleep(1.5)
                     crash(primary)
                     promote(standby)

