@@ -154,6 +154,11 @@ def test_nats_restarting_mid_run_stalls_the_feed_and_loses_nothing(dsn, nats_ser
     proc = cdc_run(dsn, "--mode", "stream", "--consumer", "jr", "--sink", nats_server.url, "--nats-stream", stream,
                    log=log)
     try:
+        # The restart comes once the run streams (a NATS missing at the run's start is another case).
+        deadline = time.monotonic() + 30
+        while "streaming from slot" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, tail(log, 20)
+            time.sleep(0.1)
         with Writers(dsn, writers=3, rollback=0.2, pause=0.01):
             time.sleep(1.5)
             nats_server.restart(down_for=2.0)
