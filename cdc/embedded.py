@@ -170,6 +170,29 @@ def _server_user() -> str | None:
     raise EmbeddedError("running as root and no unprivileged user for the server: useradd postgres")
 
 
+def cluster_dirs(prefix: str) -> tuple[str | None, str, str, str, str]:
+    """A new cluster's directories, owned by the OS user the server runs as: (that user, the
+    root, the data directory (not made: initdb or pg_basebackup makes it), the socket
+    directory, the log file)."""
+    user = _server_user()
+    root = tempfile.mkdtemp(prefix=prefix)
+    data, sock, log = f"{root}/data", f"{root}/run", f"{root}/server.log"
+    os.makedirs(sock)
+    if user is not None:
+        ids = pwd.getpwnam(user)
+        for p in (root, sock):
+            os.chown(p, ids.pw_uid, ids.pw_gid)
+    os.chmod(root, 0o755)
+    return user, root, data, sock, log
+
+
+def append_conf(data: str, conf: Mapping[str, str], comment: str) -> None:
+    """Settings at the end of postgresql.conf: they win over any earlier line."""
+    with open(f"{data}/postgresql.conf", "a") as f:
+        f.write(f"\n# {comment}\n")
+        f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+
+
 @contextmanager
 def embedded_cluster(
     *, settings: Mapping[str, str] | None = None, fast: bool = False, keep_wal2json: bool | None = None,
@@ -189,15 +212,7 @@ def embedded_cluster(
         keep_wal2json = not (version or os.environ.get("CDC_PG_VERSION")) or has_wal2json(bin_dir)
     if keep_wal2json:
         _check_wal2json(bin_dir, major)
-    user = _server_user()
-    root = tempfile.mkdtemp(prefix="cdc-pg-")
-    data, sock, log = f"{root}/data", f"{root}/run", f"{root}/server.log"
-    os.makedirs(sock)
-    if user is not None:
-        ids = pwd.getpwnam(user)
-        for p in (root, sock):
-            os.chown(p, ids.pw_uid, ids.pw_gid)
-    os.chmod(root, 0o755)
+    user, root, data, sock, log = cluster_dirs("cdc-pg-")
     watchdog = subprocess.Popen(
         [sys.executable, "-c", _WATCHDOG, str(bin_dir / "pg_ctl"), data, root, user or ""],
         stdin=subprocess.PIPE,
@@ -230,9 +245,7 @@ def embedded_cluster(
             # PostgreSQL 15.19+ / 16.15+ / 17.11+ / 18.6+ only load listed output plugins.
             conf["output_plugin_libraries"] = "'pgoutput, test_decoding, wal2json'"
         conf |= dict(settings or {})
-        with open(f"{data}/postgresql.conf", "a") as f:
-            f.write("\n# cdc embedded cluster\n")
-            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        append_conf(data, conf, "cdc embedded cluster")
         r = _run_as(user, [str(bin_dir / "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "start"])
         started = True
         if r.returncode != 0:

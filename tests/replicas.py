@@ -3,10 +3,7 @@ the primary, streaming replication, promotion."""
 
 from __future__ import annotations
 
-import os
-import pwd
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -14,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from cdc.embedded import Cluster, _free_port, _run_as, _server_user, wait_for
+from cdc.embedded import Cluster, _free_port, _run_as, _server_user, append_conf, cluster_dirs, wait_for
 
 
 @contextmanager
@@ -22,15 +19,7 @@ def standby_of(primary: Cluster, *, settings: Mapping[str, str] | None = None,
                slot: str | None = None) -> Iterator[Cluster]:
     """Start a hot standby streaming from `primary` (through physical slot `slot`, made here,
     if given); stop it and remove its files at the end."""
-    user = _server_user()
-    root = tempfile.mkdtemp(prefix="cdc-standby-")
-    data, sock, log = f"{root}/data", f"{root}/run", f"{root}/server.log"
-    os.makedirs(sock)
-    if user is not None:
-        ids = pwd.getpwnam(user)
-        for p in (root, sock):
-            os.chown(p, ids.pw_uid, ids.pw_gid)
-    os.chmod(root, 0o755)
+    user, root, data, sock, log = cluster_dirs("cdc-standby-")
     bin_dir = primary.bin_dir
     started = False
     try:
@@ -42,9 +31,7 @@ def standby_of(primary: Cluster, *, settings: Mapping[str, str] | None = None,
         port = _free_port()
         conf = {"port": str(port), "unix_socket_directories": f"'{sock}'", "hot_standby": "on",
                 **dict(settings or {})}
-        with open(f"{data}/postgresql.conf", "a") as f:
-            f.write("\n# cdc standby\n")
-            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        append_conf(data, conf, "cdc standby")
         r = _run_as(user, [f"{bin_dir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start"])
         started = True
         assert r.returncode == 0, f"standby did not start: {Path(log).read_text()[-2000:]}"
