@@ -103,10 +103,10 @@ class _Context:
 
     def __init__(self, conn: psycopg.Connection, slot: str, table: EventTable, features: tuple[str, ...] = ("run",),
                  plugin: str | None = None, publication: str | None = None):
-        from .decoders import publication_name
+        from .decoders import publication_name, resolve_plugin
 
         self.conn = conn
-        self.plugin = plugin or os.environ.get("CDC_PLUGIN") or "wal2json"  # as Consumer reads it
+        self.plugin = resolve_plugin(plugin)
         self.publication = publication or publication_name(table)
         self.features = features
         self.slot = slot

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from psycopg_pool import ConnectionPool
 from . import metrics
 from .checkpoint import LEGACY_SLOT, Checkpoints, Position, Projection, default_slot, mapping_json
 from .connection import describe, mask, open_pool, resolve_dsn
-from .decoders import DEFAULT_CHUNK_EVENTS, Plugin, new_decoder, publication_name, start_options
+from .decoders import DEFAULT_CHUNK_EVENTS, Plugin, new_decoder, publication_name, resolve_plugin, start_options
 from .errors import (
     CdcError,
     ConfigError,
@@ -136,13 +135,9 @@ class Consumer:
         failover_slot: bool = False,
     ):
         self.dsn = resolve_dsn(dsn)
-        # None: CDC_PLUGIN, as `cdc run` reads it (and the DSN CDC_DSN), else wal2json.
-        plugin = plugin or os.environ.get("CDC_PLUGIN") or "wal2json"  # type: ignore[assignment]
-        if plugin not in ("wal2json", "pgoutput"):
-            raise ConfigError(f"plugin={plugin!r}: use 'wal2json' or 'pgoutput'")
         # The logical decoding plugin the slot is made with and read with (see cdc.decoders);
         # pgoutput reads the publication, made by `cdc setup` (or here, by the table's owner).
-        self.plugin: Plugin = plugin
+        self.plugin: Plugin = resolve_plugin(plugin)
         self.publication = publication or publication_name(table)
         # PostgreSQL 17+: the slot is made with failover, for sync_replication_slots on a standby.
         self.failover_slot = failover_slot

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -13,10 +12,11 @@ import orjson
 import psycopg
 
 from cdc import Consumer, Lsn, Transaction, store
+from cdc.decoders import resolve_plugin
 
 # The plugin the suite's streams use: wal2json, or pgoutput where scripts/test runs the suite on a
 # server without wal2json (CDC_PLUGIN=pgoutput, as `cdc run` and Consumer read it too).
-PLUGIN = os.environ.get("CDC_PLUGIN") or "wal2json"
+PLUGIN: str = resolve_plugin(None)
 # The name of the `cdc check` line that proves the plugin can serve.
 PLUGIN_CHECK = "wal2json" if PLUGIN == "wal2json" else "publication"
 

@@ -9,14 +9,16 @@ replication client (`cdc.replication`) is shared and knows nothing of either.
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Protocol
 
+from ..errors import ConfigError
 from ..events import Event, Transaction
 from ..store import EventTable
 from . import pgoutput, wal2json
 from .rows import DEFAULT_CHUNK_EVENTS
 
-__all__ = ["PLUGINS", "Plugin", "StreamDecoder", "new_decoder", "start_options", "publication_name",
+__all__ = ["PLUGINS", "Plugin", "StreamDecoder", "new_decoder", "resolve_plugin", "start_options", "publication_name",
            "DEFAULT_CHUNK_EVENTS"]
 
 Plugin = Literal["wal2json", "pgoutput"]
@@ -33,6 +35,15 @@ class StreamDecoder(Protocol):
     def in_transaction(self) -> bool: ...
 
     def decode(self, messages: list[memoryview], out: list[Transaction]) -> None: ...
+
+
+def resolve_plugin(plugin: str | None) -> Plugin:
+    """The plugin asked for; None: CDC_PLUGIN (as `cdc run` reads it, and the DSN from CDC_DSN),
+    else wal2json. Anything else is a ConfigError."""
+    chosen = plugin or os.environ.get("CDC_PLUGIN") or "wal2json"
+    if chosen not in PLUGINS:
+        raise ConfigError(f"plugin {chosen!r}: use 'wal2json' or 'pgoutput'")
+    return chosen
 
 
 def new_decoder(plugin: Plugin, table: EventTable, *, chunk_events: int = DEFAULT_CHUNK_EVENTS,
