@@ -169,6 +169,16 @@ def drain(dsn: str, *args: str, log: Path, env: dict[str, str] | None = None, ti
     assert rc == 0, f"drain exited {rc}: {tail(log)}"
 
 
+def wait_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60, count: int = 1) -> None:
+    """Until `cdc run`'s log says `text` (`count` times): e.g. "streaming from slot", before a
+    fault that must meet a running stream rather than a process still starting."""
+    deadline = time.monotonic() + timeout
+    while (log.read_text(errors="replace") if log.exists() else "").count(text) < count:
+        assert proc.poll() is None, f"cdc run exited {proc.returncode}: {tail(log, 20)}"
+        assert time.monotonic() < deadline, f"cdc run did not log {text!r} within {timeout} s: {tail(log, 20)}"
+        time.sleep(0.05)
+
+
 def tail(log: Path, n: int = 8) -> str:
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     return "\n".join(lines[-n:])

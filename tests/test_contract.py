@@ -35,6 +35,7 @@ from .faults import (
     sql,
     tail,
     wait_delivered,
+    wait_log,
 )
 from .support import Collector, committed_seqs
 
@@ -241,10 +242,7 @@ class StreamContract:
         out, log = tmp_path / "events.jsonl", tmp_path / "run.log"
         proc = self.run(pdsn, "--consumer", "restart", "--sink", f"jsonl:{out}", log=log)
         try:
-            deadline = time.monotonic() + 30
-            while "streaming from slot" not in (log.read_text() if log.exists() else ""):
-                assert time.monotonic() < deadline and proc.poll() is None, tail(log)
-                time.sleep(0.1)
+            wait_log(log, "streaming from slot", proc, timeout=30)
             with Writers(pdsn, writers=3, rollback=0.2, pause=0.02):
                 time.sleep(1.5)
                 restart(server.cluster, "immediate")

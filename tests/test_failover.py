@@ -22,7 +22,7 @@ from cdc import store
 from cdc.checkpoint import default_slot
 from cdc.embedded import _server_version, embedded_cluster, find_bin_dir, wait_for
 
-from .faults import ROOT, Writers, cdc_run, check_projection, sql, tail
+from .faults import ROOT, Writers, cdc_run, check_projection, sql, tail, wait_log
 from .replicas import crash, multi_host_dsn, promote, standby_of
 from .support import PLUGIN
 
@@ -33,13 +33,6 @@ def _prepare(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         store.setup(conn)
         conn.execute("CREATE TABLE fault_projection (seq bigint NOT NULL, xid bigint)")
-
-
-def _wait_streaming(log: Path, proc: subprocess.Popen[bytes], count: int = 1, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (log.read_text() if log.exists() else "").count("streaming from slot") < count:
-        assert proc.poll() is None and time.monotonic() < deadline, tail(log, 20)
-        time.sleep(0.1)
 
 
 def _wait_projected(dsn: str, log: Path, timeout: float = 90) -> None:
@@ -72,7 +65,7 @@ def test_primary_failover_loses_nothing_and_applies_nothing_twice(tmp_path):
             proc = cdc_run(dsn, "--mode", "stream", "--plugin", PLUGIN, "--consumer", "fo", "--sink", PROJECT,
                            "--record-deliveries", "--checkpoint-interval", "0.1", log=log)
             try:
-                _wait_streaming(log, proc)
+                wait_log(log, "streaming from slot", proc)
                 with Writers(dsn, writers=3, big=0.05, big_events=300, rollback=0.2, pause=0.01):
                     time.sleep(2.5)
                     crash(primary)
@@ -106,7 +99,7 @@ def test_a_failover_slot_survives_promotion_and_the_stream_goes_on_without_a_han
             proc = cdc_run(dsn, "--mode", "stream", "--plugin", PLUGIN, "--failover-slot", "--consumer", "fs",
                            "--sink", PROJECT, "--checkpoint-interval", "0.1", log=log)
             try:
-                _wait_streaming(log, proc)
+                wait_log(log, "streaming from slot", proc)
                 slot = default_slot("fs")
                 assert sql(primary.dsn, "SELECT failover FROM pg_replication_slots WHERE slot_name = %s",
                            (slot,)) == [(True,)]
@@ -122,7 +115,7 @@ def test_a_failover_slot_survives_promotion_and_the_stream_goes_on_without_a_han
                     promote(standby)
                     time.sleep(3)
                 _wait_projected(standby.dsn, log)
-                _wait_streaming(log, proc, count=2)
+                wait_log(log, "streaming from slot", proc, count=2)
             finally:
                 _stop(proc, log)
             check_projection(standby.dsn)

@@ -34,6 +34,7 @@ from .faults import (
     tail,
     terminate_walsender,
     wait_delivered,
+    wait_log,
     wait_slot_free,
 )
 from .support import Collector, committed_seqs, write_concurrently
@@ -61,10 +62,6 @@ def _wait_progress(done, proc: subprocess.Popen[bytes], log, timeout: float = 60
         assert proc.poll() is None, f"cdc run exited {proc.returncode}: {tail(log)}"
         assert time.monotonic() < deadline, f"cdc run delivered nothing within {timeout} s: {tail(log)}"
         time.sleep(0.05)
-
-
-def _wait_log(log, text: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    _wait_progress(lambda: log.exists() and text in log.read_text(), proc, log, timeout)
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
@@ -133,7 +130,7 @@ def test_server_fault_mid_stream_reconnects_and_loses_nothing(dsn, server, tmp_p
     try:
         # A run that meets a missing server while it is still starting fails at once, by design
         # (a wrong DSN must not be retried for minutes): the faults come once it streams.
-        _wait_log(log, "streaming from slot", proc, timeout=30)
+        wait_log(log, "streaming from slot", proc, timeout=30)
         with Writers(dsn, writers=4, big=0.05, rollback=0.2, pause=0.02):
             for _ in range(2):
                 time.sleep(1.5)
@@ -203,7 +200,7 @@ def test_server_restart_between_parts_of_a_huge_transaction_redelivers_it_from_i
     proc = cdc_run(dsn, *args, log=log, env={"CDC_FAULT_SLEEP": "0.25"})
     try:
         # Connected first: a restart while the run is still starting would test nothing.
-        _wait_log(log, "streaming from slot parts", proc)
+        wait_log(log, "streaming from slot parts", proc)
         store.append(conn, "huge", [store.NewEvent("E", {"i": i}) for i in range(60)], expected_version=0)
         time.sleep(1.2)  # a few of its 12 parts applied, uncommitted
         conn.close()
@@ -372,7 +369,7 @@ def test_a_standby_takes_over_from_the_checkpoint_as_it_is_at_takeover(dsn, tmp_
             # What the killed instance had acknowledged: its checkpoint once it is dead.
             seq, above = sql(dsn, "SELECT seq, seqs_above FROM cdc.checkpoints WHERE consumer = %s", (consumer,))[0]
             acknowledged = {r["seq"] for r in read_jsonl(outs[0], torn=[]) if r["seq"] <= seq or r["seq"] in above}
-            _wait_log(logs[1], "streaming from slot", b, timeout=30)
+            wait_log(logs[1], "streaming from slot", b, timeout=30)
             time.sleep(0.5)
         except BaseException:
             if b.poll() is None:

@@ -13,7 +13,7 @@ import pytest
 
 from cdc.jetstream import Target, _covers, message_id, subject_token
 
-from .faults import Writers, cdc_run, committed_by_xid, tail
+from .faults import Writers, cdc_run, committed_by_xid, tail, wait_log
 from .natsserver import NatsServer, external_url, nats_server_binary, stream_count, stream_messages
 from .support import prime
 
@@ -155,10 +155,7 @@ def test_nats_restarting_mid_run_stalls_the_feed_and_loses_nothing(dsn, nats_ser
                    log=log)
     try:
         # The restart comes once the run streams (a NATS missing at the run's start is another case).
-        deadline = time.monotonic() + 30
-        while "streaming from slot" not in (log.read_text() if log.exists() else ""):
-            assert proc.poll() is None and time.monotonic() < deadline, tail(log, 20)
-            time.sleep(0.1)
+        wait_log(log, "streaming from slot", proc, timeout=30)
         with Writers(dsn, writers=3, rollback=0.2, pause=0.01):
             time.sleep(1.5)
             nats_server.restart(down_for=2.0)
