@@ -57,13 +57,18 @@ def _server_has(dsn: str, plugin: str) -> bool:
     and allowed), by making a temporary slot with it."""
     if plugin == "pgoutput":
         return True
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_create_logical_replication_slot('cdc_probe_' || pg_backend_pid(), %s, true)",
-                         (plugin,))
-        return True
-    except psycopg.Error:
-        return False
+    if plugin not in _HAS:  # once per session: the server does not change under the suite
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_create_logical_replication_slot('cdc_probe_' || pg_backend_pid(), %s, true)",
+                             (plugin,))
+            _HAS[plugin] = True
+        except psycopg.Error:
+            _HAS[plugin] = False
+    return _HAS[plugin]
+
+
+_HAS: dict[str, bool] = {}
 
 
 def _append(conn: psycopg.Connection, stream: str, n: int) -> None:
