@@ -185,13 +185,27 @@ class JetStreamSink:
     def close(self) -> None:
         self._closing = True
         try:
-            if self._nc is not None:
-                self._call(self._nc.close(), timeout=5)
+            self._call(self._shutdown(), timeout=10)
         except Exception:
             pass
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """Close the connection, then end every task nats-py left behind (a reconnect in progress
+        leaves its reader, pinger and flusher): a loop stopped under them prints tracebacks at exit."""
+        if self._nc is not None:
+            try:
+                await asyncio.wait_for(self._nc.close(), timeout=5)
+            except Exception:
+                pass
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -211,7 +225,10 @@ class JetStreamSink:
         return out
 
     async def _publish(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> None:
-        if self._nc is None or not self._nc.is_connected:
+        # A client that is reconnecting is kept: it holds what is published meanwhile and sends it
+        # on reconnect (the acks we wait for come then, or the retry repeats the same ids). Closing
+        # it mid-reconnect left its reader, pinger and flusher running unowned.
+        if self._nc is None or self._nc.is_closed:
             await self._connect()
         if not self.atomic:
             await self._one_by_one(messages)
@@ -272,7 +289,7 @@ class JetStreamSink:
             import ssl
 
             options["tls"] = ssl.create_default_context(cafile=t.tls_ca)
-        if self._nc is not None:  # gave up on a connection still reconnecting: a new one
+        if self._nc is not None:  # a closed connection (nats-py gave up on it): a new one
             old, self._nc = self._nc, None
             self._closing = True
             try:

@@ -169,3 +169,46 @@ def test_nats_restarting_mid_run_stalls_the_feed_and_loses_nothing(dsn, nats_ser
     text = log.read_text()
     assert "disconnected: the feed waits" in text, tail(log, 20)
     assert "Traceback" not in text, tail(log, 20)
+
+
+_CLOSE_WHILE_RECONNECTING = r"""
+import sys, threading
+from cdc.errors import SinkError
+from cdc.events import Event, Transaction
+from cdc.jetstream import JetStreamSink, Target
+
+stop = threading.Event()
+sink = JetStreamSink(Target.parse(sys.argv[1], stream=sys.argv[2]), ack_timeout=0.5, backoff_initial=0.1,
+                     stop_event=stop)
+tx = lambda seq: Transaction(xid=seq, commit_lsn=None, end_lsn=None, commit_time=None, source="stream",
+                             events=[Event(seq, "s-1", 1, "t", '{"n": 1}', None, None)])
+sink.write(tx(1))
+print("ready", flush=True)
+sys.stdin.readline()  # the server is down now: the client reconnects, the write waits for it
+threading.Timer(3.0, stop.set).start()
+try:
+    sink.write(tx(2))
+except SinkError as err:
+    print("stopped:", err, flush=True)
+sink.close()
+"""
+
+
+def test_closing_the_sink_while_nats_is_away_leaves_nothing_behind(nats_server):
+    """Stopping `cdc run` while NATS is down ends nats-py's reconnecting client cleanly: a loop
+    stopped under its tasks printed `Task was destroyed` and tracebacks at exit (a CI run saw it)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _CLOSE_WHILE_RECONNECTING, nats_server.url, _stream()],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.poll() is not None else ""
+    nats_server.stop()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped: stopped while NATS was unavailable" in out, out + err
+    for bad in ("Task was destroyed", "Traceback", "Event loop is closed", "never awaited"):
+        assert bad not in err, err
