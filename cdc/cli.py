@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nats-creds", default=None, metavar="FILE", help="NATS credentials file (JWT and NKey)")
     g.add_argument("--nats-tls-ca", default=None, metavar="FILE", help="CA certificate to verify a tls:// server")
     g.add_argument("--nats-replicas", type=int, default=None, help="replicas of a stream cdc creates (default 1; 3 on a cluster)")
+    g.add_argument("--nats-partitions", type=int, default=None, metavar="N",
+                   help="spread the streams over N partitions: the subject gets a {partition} token (0 to N-1, "
+                        "FNV-1a of the stream id mod N; default template then cdc.events.{partition}.{stream_id}), "
+                        "so N readers each take one with a subject filter, every stream whole in one of them")
     p.add_argument("--webhook-secret", default=None, help="sign webhook bodies: X-Cdc-Signature: sha256=HMAC (or CDC_WEBHOOK_SECRET)")
     p.add_argument("--standby", action="store_true", default=None,
                    help="when the slot is held by another cdc, wait as a hot standby and take over when it dies")

@@ -57,6 +57,7 @@ class Settings(BaseModel):
     nats_creds: str | None = None
     nats_tls_ca: str | None = None
     nats_replicas: int = Field(1, ge=1, le=5)
+    nats_partitions: int = Field(1, ge=1, le=4096)
     standby: bool = False
     workers: int = Field(1, ge=1, le=256)
     log_format: Literal["text", "json"] = "text"

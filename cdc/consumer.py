@@ -42,6 +42,7 @@ from .errors import (
     PluginMissingError,
     PluginNotAllowedError,
     ReplicationPrivilegeError,
+    SinkError,
     SlotInUseError,
     SlotLostError,
     UnsupportedChangeError,
@@ -282,6 +283,8 @@ class Consumer:
             self._checkpoint(final=True)
         except (psycopg.Error, ConnectError) as err:
             log.warning("could not save the final checkpoint: %s", mask(str(err)))
+        except SinkError as err:  # the sink could not make it durable: the position stays where it was
+            log.info("final checkpoint not saved: %s", err)
         finally:
             feed, self._feed = self._feed, None
             if feed is not None:

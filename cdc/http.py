@@ -2,8 +2,8 @@
 
 - `/healthz`: the process is alive, i.e. the run loop ticked recently. A stuck loop (a sink
   that hangs, a deadlock) turns it 503 so the orchestrator restarts us.
-- `/readyz`: the feed is flowing: connected, the slot usable, lag under the thresholds, and not
-  a standby. A standby waiting for the slot is healthy but not ready.
+- `/readyz`: the feed is flowing: connected, the slot usable, the sink taking events, lag under
+  the thresholds, and not a standby. A standby waiting for the slot is healthy but not ready.
 - `/metrics`: Prometheus text of `cdc.metrics.REGISTRY`.
 
 The stdlib server is enough: a scrape every few seconds, never on the delivery path.
@@ -59,6 +59,8 @@ def readiness(
     # stop the feed: the wal_status gauge still tells.
     if status.slot_valid is False and status.path != "poll":
         return "the replication slot is missing or lost"
+    if status.sink_problem is not None:
+        return f"the sink is not taking events: {status.sink_problem}"
     if status.catching_up is not None:
         left = (f"{status.backlog_events:,} events to go" if status.backlog_events is not None
                 else f"{status.backlog_bytes:,} bytes of WAL to go" if status.backlog_bytes is not None

@@ -28,6 +28,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,8 +36,9 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
+from . import metrics
 from .errors import ConfigError, SinkError
-from .events import Transaction, wire_records
+from .events import Event, Lsn, Transaction, wire_records
 
 log = logging.getLogger("cdc.jetstream")
 
@@ -46,6 +48,8 @@ BATCH_MAX = 1000  # the server's limit on an atomic batch
 DUPLICATE_IN_BATCH = 10201  # "atomic publish batch contains duplicate message id"
 ATOMIC_DISABLED = 10174  # "atomic publish is disabled"
 SUBJECTS_OVERLAP = 10065  # "subjects overlap with an existing stream"
+WRONG_LAST_ID = 10070  # "wrong last msg ID": the chain (Nats-Expected-Last-Msg-Id) did not hold
+EXPECTED_LAST_ID = "Nats-Expected-Last-Msg-Id"
 DEFAULT_SUBJECT = "cdc.events.{stream_id}"
 _SPECIAL = {".": "%2E", "*": "%2A", ">": "%3E", "%": "%25", " ": "%20", "\t": "%09", "\r": "%0D", "\n": "%0A"}
 
@@ -80,6 +84,7 @@ class Target:
     tls_ca: str | None = None
     replicas: int = 1
     duplicate_window: float = 120.0
+    partitions: int = 1  # what `{partition}` in the subject counts up to (see partition_of)
 
     @classmethod
     def parse(cls, url: str, **settings: Any) -> Target:
@@ -98,14 +103,31 @@ class Target:
         subject = settings.get("subject") or DEFAULT_SUBJECT
         if "{stream_id}" not in subject:
             raise ConfigError(f"--nats-subject {subject!r} must contain {{stream_id}} (e.g. {DEFAULT_SUBJECT})")
+        partitions = int(settings.get("partitions") or 1)
+        if partitions < 1:
+            raise ConfigError(f"--nats-partitions {partitions}: give 1 or more")
+        if partitions > 1 and "{partition}" not in subject:
+            subject = subject.replace("{stream_id}", "{partition}.{stream_id}")
+        try:
+            subject.format(stream_id="s", partition=0)
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"--nats-subject {subject!r}: only {{stream_id}} and {{partition}} may be in braces") from None
         return cls(servers, stream=settings.get("stream") or "CDC", subject=subject, user=user, password=password,
                    token=settings.get("token") or token, creds=settings.get("creds"), tls_ca=settings.get("tls_ca"),
-                   replicas=int(settings.get("replicas") or 1))
+                   replicas=int(settings.get("replicas") or 1), partitions=partitions)
 
     @property
     def filter(self) -> str:
-        """The stream's subjects: the template with the stream id as a wildcard."""
-        return self.subject.replace("{stream_id}", "*")
+        """The stream's subjects: the template with the stream id (and partition) as wildcards."""
+        return self.subject.replace("{stream_id}", "*").replace("{partition}", "*")
+
+    def partition_filter(self, partition: int) -> str:
+        """The subjects of one partition's streams, for a reader of that partition."""
+        if "{partition}" not in self.subject:
+            raise ConfigError(f"subject template {self.subject!r} has no {{partition}}: publish with --nats-partitions N")
+        if not 0 <= partition < self.partitions:
+            raise ConfigError(f"partition {partition}: give 0 to {self.partitions - 1}")
+        return self.subject.replace("{partition}", str(partition)).replace("{stream_id}", "*")
 
     @property
     def display(self) -> str:
@@ -113,13 +135,16 @@ class Target:
 
 
 class JetStreamSink:
-    """Publishes each event of each transaction to JetStream; `write` returns once all of them
-    are acknowledged by the stream. `stop_event` interrupts a wait for NATS with SinkError: the
-    transaction is then not acknowledged, and comes again."""
+    """Publishes each event of each transaction to JetStream. `write` queues a transaction and
+    returns; `flush` returns once JetStream has acknowledged every message written so far (the
+    consumer acknowledges the slot only after it). `stop_event` interrupts a wait for NATS with
+    SinkError: what was not acknowledged is then not acknowledged to the slot either, and comes
+    again."""
 
     def __init__(self, target: Target, *, table: str = "cdc.events", ack_timeout: float = 10.0,
                  backoff_initial: float = 0.2, backoff_max: float = 10.0,
-                 stop_event: threading.Event | None = None, connect: bool = True):
+                 stop_event: threading.Event | None = None, connect: bool = True,
+                 max_in_flight: int = 8192):
         try:
             import nats  # noqa: F401
         except ImportError:
@@ -129,58 +154,60 @@ class JetStreamSink:
         self.ack_timeout = ack_timeout
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stop_event = stop_event
+        self.max_in_flight = max_in_flight
         self.atomic = False  # whether the stream takes atomic batches (found at connect)
-        self.published = 0
+        self.published = 0  # messages JetStream acknowledged (stored, or already held)
+        self.skipped = 0  # events not published at start because the stream already held them
+        self.republished = 0  # messages published again after a failure (each stored once all the same)
         self._last_error: str | None = None
         self._closing = False
         self._nc: Any = None
         self._js: Any = None
+        # Loop-thread state. `_queue` is what `write` handed over; `_sent` the messages published
+        # and not yet known stored, in publish order, each [subject, body, headers, state]
+        # (state None: no answer yet, True: stored, else the error).
+        self._queue: deque[Transaction] = deque()
+        self._sent: list[list[Any]] = []
+        self._replies: dict[str, list[Any]] = {}
+        self._answered = asyncio.Event()
+        self._inbox = ""
+        self._reply_n = 0
+        self._chain: str | None = None  # the id of the last message published: the next one expects it
+        self._resume: tuple[str, Lsn | None, int] | None = None  # what the stream held at start
+        self._drainer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cdc-nats", daemon=True)
         self._thread.start()
+        metrics.SINK_CONNECTED.set(0)
         if connect:
             # Now, so that a stream that cannot serve (overlapping subjects, no duplicate window)
-            # stops the run at its start. NATS not answering yet is waited out by `write`.
+            # stops the run at its start. NATS not answering yet is waited out by `flush`.
             try:
                 self._call(self._connect(), timeout=30)
             except ConfigError:
                 self.close()
                 raise
             except Exception as err:
-                log.warning("NATS %s not reachable yet (%s): the feed waits for it", target.display,
-                            f"{type(err).__name__}: {err}".strip())
+                self._problem(f"not reachable yet ({_one_line(err)})")
+                log.warning("NATS %s not reachable yet (%s): the feed waits for it", target.display, _one_line(err))
 
     # -- the Sink protocol ----------------------------------------------------------------
 
     def write(self, tx: Transaction) -> None:
         if not tx.events:
             return
-        messages = self._messages(tx)
-        delay = self.backoff_initial
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                self._call(self._publish(messages), timeout=self.ack_timeout * (1 + len(messages) / BATCH_MAX) + 5)
-                self.published += len(messages)
-                if attempt > 1:
-                    log.info("NATS %s took transaction xid=%s after %d attempts", self.target.display, tx.xid, attempt)
-                return
-            except (SinkError, ConfigError):
-                raise
-            except Exception as err:  # a lost connection, a timeout, NATS restarting: wait and try again
-                problem = f"{type(err).__name__}: {err}".strip()
-            wait = random.uniform(delay / 2, delay)
-            delay = min(delay * 2, self.backoff_max)
-            log.warning("NATS %s: %s publishing transaction xid=%s (attempt %d); retrying in %.1f s with the "
-                        "same message ids", self.target.display, problem, tx.xid, attempt, wait)
-            if self.stop_event is not None and self.stop_event.wait(wait):
-                raise SinkError("stopped while NATS was unavailable; the transaction was not acknowledged")
-            if self.stop_event is None:
-                time.sleep(wait)
+        if self._failure is not None:
+            raise self._failure
+        self._queue.append(tx)
+        if self._drainer is None:  # idle: wake it (while it runs, it takes what is queued)
+            self._loop.call_soon_threadsafe(self._wake)
+        if len(self._queue) > self.max_in_flight:  # bounded memory: wait for the publisher
+            self.flush()
 
     def flush(self) -> None:
-        pass  # write returns only once JetStream acknowledged every message: nothing is pending
+        """Wait until every message written so far is stored in JetStream (or already was)."""
+        self._call(self._flush())
 
     def close(self) -> None:
         self._closing = True
@@ -207,69 +234,304 @@ class JetStreamSink:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # -- publishing -------------------------------------------------------------------------
+    # -- publishing (the loop thread) --------------------------------------------------------
+    #
+    # One publisher, pipelined: a message goes out without waiting for the one before it to be
+    # acknowledged. What keeps the stream in commit order when a connection breaks mid-flight
+    # (the server got some messages, lost the next, then gets the ones nats-py buffered) is a
+    # chain: each message carries `Nats-Expected-Last-Msg-Id`, the id of the one published before
+    # it, so JetStream stores none after a lost one. De-duplication comes first in JetStream, so
+    # a message it already holds is acknowledged as a duplicate whatever its chain says. On any
+    # failure the publisher waits, then publishes again from the first message not stored.
+    #
+    # A transaction of several events goes as atomic batches where the stream allows them. A
+    # batch cannot carry the chain header, so it is a barrier: it goes once everything before it
+    # is stored, and what comes after is chained to its last message.
 
-    def _messages(self, tx: Transaction) -> list[tuple[str, bytes, dict[str, str]]]:
+    def _wake(self) -> None:
+        if self._drainer is None and self._queue:
+            self._drainer = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                tx = self._queue.popleft()
+                await self._ready()
+                events = self._unseen(tx)
+                if not events:
+                    continue
+                messages = self._messages(tx, events)
+                if self.atomic and len(messages) > 1:
+                    await self._settle()
+                    for start in range(0, len(messages), BATCH_MAX):
+                        await self._batch(messages[start:start + BATCH_MAX])
+                else:
+                    await self._send(messages)
+                    if len(self._sent) >= self.max_in_flight:
+                        await self._settle()
+        except BaseException as err:  # a stop, or a stream that cannot serve: `flush` raises it
+            self._failure = err if isinstance(err, (SinkError, ConfigError)) else SinkError(_one_line(err))
+            self._queue.clear()
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            self._drainer = None
+
+    async def _flush(self) -> None:
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if self._drainer is not None:
+                await asyncio.shield(self._drainer)
+                continue
+            if self._queue:
+                self._wake()
+                continue
+            break
+        try:
+            await self._settle()
+        except (SinkError, ConfigError) as err:
+            self._failure = err
+            raise
+
+    def _messages(self, tx: Transaction, events: list[Event]) -> list[list[Any]]:
         dumps, subject, table = orjson.dumps, self.target.subject, self.table
         commit = str(tx.commit_lsn) if tx.commit_lsn is not None else ""
         xid = "" if tx.xid is None else str(tx.xid)
+        partitions = self.target.partitions if "{partition}" in subject else 0
+        records = wire_records(tx)
+        if len(events) != len(tx.events):
+            records = records[len(tx.events) - len(events):]
         out = []
-        for event, record in zip(tx.events, wire_records(tx)):
+        for event, record in zip(events, records):
             headers = {"Nats-Msg-Id": message_id(table, event.seq), "Cdc-Seq": str(event.seq),
                        "Cdc-Stream-Id": event.stream_id, "Cdc-Type": event.type or "", "Cdc-Source": tx.source}
             if commit:
                 headers["Cdc-Commit-Lsn"] = commit
             if xid:
                 headers["Cdc-Xid"] = xid
-            out.append((subject.format(stream_id=subject_token(event.stream_id)), dumps(record), headers))
+            if partitions:
+                name = subject.format(stream_id=subject_token(event.stream_id),
+                                      partition=partition_of(event.stream_id, partitions))
+            else:
+                name = subject.format(stream_id=subject_token(event.stream_id))
+            out.append([name, dumps(record), headers, None])
         return out
 
-    async def _publish(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> None:
-        # A client that is reconnecting is kept: it holds what is published meanwhile and sends it
-        # on reconnect (the acks we wait for come then, or the retry repeats the same ids). Closing
-        # it mid-reconnect left its reader, pinger and flusher running unowned.
-        if self._nc is None or self._nc.is_closed:
-            await self._connect()
-        if not self.atomic:
-            await self._one_by_one(messages)
-            return
-        for start in range(0, len(messages), BATCH_MAX):
-            batch = messages[start:start + BATCH_MAX]
-            if not await self._batch(batch):
-                await self._one_by_one(batch)
+    async def _send(self, messages: list[list[Any]]) -> None:
+        """Publish chained, without waiting for acknowledgements."""
+        publish = self._nc.publish
+        for m in messages:
+            headers = m[2]
+            if self._chain is not None:
+                headers[EXPECTED_LAST_ID] = self._chain
+            else:
+                headers.pop(EXPECTED_LAST_ID, None)
+            self._chain = headers["Nats-Msg-Id"]
+            self._reply_n += 1
+            reply = f"{self._inbox}{self._reply_n}"
+            m[3] = None
+            self._replies[reply] = m
+            self._sent.append(m)
+            await publish(m[0], m[1], reply=reply, headers=headers)
+        metrics.SINK_UNACKED.set(len(self._sent))
 
-    async def _batch(self, batch: list[tuple[str, bytes, dict[str, str]]]) -> bool:
-        """One atomic batch; False when JetStream refused it for an id it already holds (then
-        some or all of it is stored: the caller publishes it message by message)."""
+    def _on_reply(self, msg: Any) -> None:
+        m = self._replies.pop(msg.subject, None)
+        if m is None:
+            return  # an answer to a publish given up on (its message was published again)
+        data = msg.data
+        if not data:  # a status message: no responders (no stream takes the subject), or a timeout
+            status = (msg.headers or {}).get("Status", "")
+            m[3] = (0, "no JetStream stream answered (status %s)" % status)
+        else:
+            try:
+                answer = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                answer = {"error": {"err_code": 0, "description": f"unreadable answer {data[:80]!r}"}}
+            error = answer.get("error")
+            m[3] = True if error is None else (error.get("err_code", 0), error.get("description", ""))
+        self._answered.set()
+
+    async def _settle(self) -> None:
+        """Until every message in `_sent` is stored: wait for their answers, then publish again
+        from the first one not stored, after a backoff. Only a stop ends it otherwise."""
+        delay, attempt = self.backoff_initial, 0
+        while self._sent:
+            sent = self._sent
+            deadline = time.monotonic() + self.ack_timeout + len(sent) / 2000
+            while sent[-1][3] is None and time.monotonic() < deadline:
+                self._answered.clear()
+                if sent[-1][3] is not None:
+                    break
+                try:
+                    await asyncio.wait_for(self._answered.wait(), timeout=max(0.01, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+            first = next((i for i, m in enumerate(sent) if m[3] is not True), None)
+            stored = len(sent) if first is None else first
+            self.published += stored
+            del sent[:stored]
+            metrics.SINK_UNACKED.set(len(sent))
+            if not sent:
+                self._problem(None)
+                return
+            state = sent[0][3]
+            if isinstance(state, tuple) and state[0] == WRONG_LAST_ID:
+                # Everything before it is stored, so nothing is lost: JetStream's last message is
+                # not the one published before (a hand-off or a failover republished in another
+                # order, or another publisher). Chain it to what the stream holds and go on.
+                held = state[1].partition("wrong last msg ID:")[2].strip()
+                sent[0][2].pop(EXPECTED_LAST_ID, None)
+                if held:
+                    sent[0][2][EXPECTED_LAST_ID] = held
+                log.info("NATS stream %s: its last message is %s, not the one cdc published before; "
+                         "chaining to it", self.target.stream, held or "none")
+                await self._resend()
+                continue
+            attempt += 1
+            problem = "no acknowledgement within %.0f s" % self.ack_timeout if state is None else \
+                f"error {state[0]}: {state[1]}"
+            wait = random.uniform(delay / 2, delay)
+            delay = min(delay * 2, self.backoff_max)
+            self._problem(problem)
+            log.warning("NATS %s: %s for %d message(s) from seq %s (attempt %d); publishing them again in %.1f s "
+                        "with the same message ids", self.target.display, problem, len(sent),
+                        sent[0][2].get("Cdc-Seq"), attempt, wait)
+            await self._pause(wait)
+            await self._ready()
+            await self._resend()
+
+    async def _resend(self) -> None:
+        """Publish `_sent` again in order, keeping each message's chain header."""
+        pending, self._sent = self._sent, []
+        self._replies.clear()
+        self.republished += len(pending)
+        publish = self._nc.publish
+        for m in pending:
+            self._reply_n += 1
+            reply = f"{self._inbox}{self._reply_n}"
+            m[3] = None
+            self._replies[reply] = m
+            self._sent.append(m)
+            await publish(m[0], m[1], reply=reply, headers=m[2])
+        if pending:
+            self._chain = pending[-1][2]["Nats-Msg-Id"]
+
+    async def _batch(self, batch: list[list[Any]]) -> None:
+        """One atomic batch, everything before it stored. Refused for an id JetStream already
+        holds (some or all of it is stored), it goes message by message instead."""
         from nats.js.errors import BadRequestError
 
-        batch_id = batch[0][2]["Nats-Msg-Id"] + f"#{len(batch)}#{random.getrandbits(32):08x}"
-        last = len(batch) - 1
-        for n, (subject, body, headers) in enumerate(batch):
-            h = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n + 1)}
-            if n < last:
-                await self._nc.publish(subject, body, headers=h)
-                continue
-            h["Nats-Batch-Commit"] = "1"
+        delay, attempt = self.backoff_initial, 0
+        while True:
+            batch_id = batch[0][2]["Nats-Msg-Id"] + f"#{len(batch)}#{random.getrandbits(32):08x}"
+            last = len(batch) - 1
             try:
-                await self._js.publish(subject, body, headers=h, timeout=self.ack_timeout)
+                for n, (subject, body, headers, _) in enumerate(batch):
+                    h = {k: v for k, v in headers.items() if k != EXPECTED_LAST_ID}
+                    h |= {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n + 1)}
+                    if n < last:
+                        await self._nc.publish(subject, body, headers=h)
+                        continue
+                    h["Nats-Batch-Commit"] = "1"
+                    await self._js.publish(subject, body, headers=h, timeout=self.ack_timeout)
+                self.published += len(batch)
+                self._chain = batch[-1][2]["Nats-Msg-Id"]
+                self._problem(None)
+                return
             except BadRequestError as err:
-                if getattr(err, "err_code", None) == DUPLICATE_IN_BATCH:
-                    return False
-                if getattr(err, "err_code", None) == ATOMIC_DISABLED:
+                code = getattr(err, "err_code", None)
+                if code == ATOMIC_DISABLED:
                     self.atomic = False
                     log.warning("NATS stream %s does not allow atomic batches now: publishing message by message",
                                 self.target.stream)
-                    return False
-                raise
-        return True
+                if code in (DUPLICATE_IN_BATCH, ATOMIC_DISABLED):
+                    await self._send(batch)
+                    await self._settle()
+                    return
+                problem = _one_line(err)
+            except Exception as err:  # a lost connection, a timeout, NATS restarting
+                problem = _one_line(err)
+            attempt += 1
+            wait = random.uniform(delay / 2, delay)
+            delay = min(delay * 2, self.backoff_max)
+            self._problem(problem)
+            log.warning("NATS %s: %s publishing a batch of %d from seq %s (attempt %d); retrying in %.1f s with the "
+                        "same message ids", self.target.display, problem, len(batch), batch[0][2]["Cdc-Seq"],
+                        attempt, wait)
+            await self._pause(wait)
+            await self._ready()
 
-    async def _one_by_one(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> None:
-        """In order, pipelined, every ack awaited; a message whose id JetStream has seen is
-        acknowledged as a duplicate, which is what we want."""
-        publish = self._js.publish_async
-        futures = [await publish(subject, body, headers=headers) for subject, body, headers in messages]
-        await asyncio.wait_for(asyncio.gather(*futures), timeout=self.ack_timeout + len(messages) / 1000)
+    async def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.stop_event is not None and self.stop_event.is_set():
+                raise SinkError("stopped while NATS was unavailable; what it did not acknowledge was not acknowledged "
+                                "to the slot either")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.1))
+
+    async def _ready(self) -> None:
+        """A connection, made again if nats-py gave up on it (it keeps reconnecting on its own
+        otherwise, holding what is published meanwhile). Waits, with backoff, until there is one."""
+        delay = self.backoff_initial
+        while self._nc is None or self._nc.is_closed:
+            try:
+                await self._connect()
+                return
+            except ConfigError:
+                raise
+            except Exception as err:
+                wait = random.uniform(delay / 2, delay)
+                delay = min(delay * 2, self.backoff_max)
+                self._problem(f"not reachable ({_one_line(err)})")
+                log.warning("NATS %s not reachable (%s); trying again in %.1f s (nothing acknowledged)",
+                            self.target.display, _one_line(err), wait)
+                await self._pause(wait)
+
+    def _unseen(self, tx: Transaction) -> list[Event]:
+        """The events of `tx` the stream did not hold at start. Past the duplicate window JetStream
+        would store a republished event again, so what the stream holds is read once at start (its
+        last message) and what comes again before it is skipped: on the stream path by commit
+        LSN (the feed is in commit order), on the poll paths by seq (they go in seq order)."""
+        resume = self._resume
+        if resume is None:
+            return tx.events
+        source, lsn, seq = resume
+        events = tx.events
+        if source == "stream":
+            if tx.commit_lsn is None or lsn is None or tx.commit_lsn > lsn:
+                self._resume = None
+                return events
+            if tx.commit_lsn < lsn:
+                self.skipped += len(events)
+                return []
+            # The same transaction: what comes after its last stored event is new.
+            for i, e in enumerate(events):
+                if e.seq == seq:
+                    self.skipped += i + 1
+                    self._resume = None
+                    return events[i + 1:]
+            self.skipped += len(events)  # an earlier part of it
+            return []
+        if tx.commit_lsn is not None:  # the stream after a replay: new
+            self._resume = None
+            return events
+        if events[-1].seq <= seq and all(e.seq <= seq for e in events):
+            self.skipped += len(events)
+            return []
+        self._resume = None
+        fresh = [e for e in events if e.seq > seq]
+        self.skipped += len(events) - len(fresh)
+        return fresh
+
+    def _problem(self, problem: str | None) -> None:
+        """What /readyz and the sink gauge say."""
+        metrics.STATUS.sink_problem = None if problem is None else f"NATS {self.target.display}: {problem}"
+        metrics.SINK_CONNECTED.set(1 if problem is None and self._nc is not None and self._nc.is_connected else 0)
 
     async def _connect(self) -> None:
         import nats
@@ -300,7 +562,44 @@ class JetStreamSink:
                 self._closing = False
         self._nc = await nats.connect(**options)
         self._js = self._nc.jetstream(timeout=self.ack_timeout)
-        await self._ensure_stream()
+        first = self._inbox == ""
+        self._inbox = self._nc.new_inbox() + "."
+        self._replies.clear()
+
+        async def on_reply(msg: Any) -> None:
+            self._on_reply(msg)
+
+        await self._nc.subscribe(self._inbox + "*", cb=on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        last = await self._ensure_stream()
+        if first:
+            await self._read_last(last)
+        self._problem(None)
+
+    async def _read_last(self, last_seq: int) -> None:
+        """What the stream holds at start: its last message, which the first one published is
+        chained to, and up to which what comes again is skipped (see `_unseen`)."""
+        if not last_seq:
+            return
+        try:
+            msg = await self._js.get_msg(self.target.stream, seq=last_seq)
+        except Exception as err:
+            log.warning("NATS stream %s: cannot read its last message (%s): relying on its duplicate window alone",
+                        self.target.stream, _one_line(err))
+            return
+        headers = msg.headers or {}
+        self._chain = headers.get("Nats-Msg-Id")
+        try:
+            seq = int(headers["Cdc-Seq"])
+        except (KeyError, ValueError):
+            log.warning("NATS stream %s: its last message (stream seq %d) was not published by cdc: relying on the "
+                        "duplicate window alone", self.target.stream, last_seq)
+            return
+        lsn_text = headers.get("Cdc-Commit-Lsn")
+        lsn = Lsn.parse(lsn_text) if lsn_text else None
+        source = "stream" if headers.get("Cdc-Source") == "stream" else "poll"
+        self._resume = (source, lsn, seq)
+        log.info("NATS stream %s holds up to event seq %d%s: what comes again before it is not published twice",
+                 self.target.stream, seq, f" (commit LSN {lsn})" if lsn is not None else "")
 
     # nats-py reconnects by itself and holds what is published meanwhile: the feed waits in
     # `write` for the acks. One line each, never nats-py's tracebacks.
@@ -313,16 +612,19 @@ class JetStreamSink:
     async def _on_disconnected(self) -> None:
         if self._closing:
             return
+        self._problem("disconnected, reconnecting")
         log.warning("NATS %s disconnected: the feed waits (nothing acknowledged) while it reconnects",
                     self.target.display)
 
     async def _on_reconnected(self) -> None:
         self._last_error = None
+        self._problem(None)
         log.info("NATS %s reconnected: publishing again", self.target.display)
 
-    async def _ensure_stream(self) -> None:
+    async def _ensure_stream(self) -> int:
         """Create the stream, or check the one there: it must take our subjects, keep them on
-        file, and have a duplicate window (which is what exactly-once rests on)."""
+        file, and have a duplicate window (which is what exactly-once rests on). Returns the
+        stream sequence of its last message (0: empty)."""
         from nats.js.api import StorageType, StreamConfig
         from nats.js.errors import BadRequestError, NotFoundError
 
@@ -355,6 +657,7 @@ class JetStreamSink:
             raise ConfigError(f"NATS stream {t.stream} has no duplicate window: exactly once needs one "
                             "(duplicate_window, e.g. 2m)")
         self.atomic = bool(getattr(config, "allow_atomic", False))
+        return int(info.state.last_seq or 0) if info.state is not None else 0
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -363,6 +666,20 @@ class JetStreamSink:
         except TimeoutError:
             future.cancel()
             raise
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip().splitlines()[0] if str(err) else type(err).__name__
+
+
+def partition_of(stream_id: str, partitions: int) -> int:
+    """The partition (0 to partitions-1) a stream's events go to with `{partition}` in the
+    subject template: FNV-1a (32 bits) of the stream id's UTF-8 bytes, modulo the count. Stable
+    across processes and versions, so a reader can compute it too."""
+    h = 0x811C9DC5
+    for b in stream_id.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
 
 
 def _covers(pattern: str, subject: str) -> bool:

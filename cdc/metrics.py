@@ -25,6 +25,10 @@ HOLE_HOLDER = Gauge("cdc_poll_hole_holder_pid", "Backend pid of a live transacti
 BACKLOG_EVENTS = Gauge("cdc_backlog_events", "Events still to deliver in a hand-off replay or catch-up (0: none, or streaming).", registry=REGISTRY)
 MODE = Gauge("cdc_mode", "1 for the path currently delivering (stream or poll).", ["path"], registry=REGISTRY)
 LAST_DELIVERY = Gauge("cdc_last_delivery_timestamp_seconds", "Unix time of the last delivery to the sink.", registry=REGISTRY)
+SINK_CONNECTED = Gauge("cdc_sink_connected", "1 while a sink with a server of its own (NATS) is connected and "
+                       "publishing without errors, else 0.", registry=REGISTRY)
+SINK_UNACKED = Gauge("cdc_sink_unacked_messages", "Messages published to the sink's server and not yet acknowledged by it.",
+                     registry=REGISTRY)
 WORKER_QUEUE_DEPTH = Gauge("cdc_worker_queue_depth", "Slices waiting in a worker's queue (--workers N > 1); a full queue stalls the feed.", ["worker"], registry=REGISTRY)
 WORKER_OLDEST_AGE = Gauge("cdc_worker_oldest_age_seconds", "Age of the oldest slice a worker has not finished (0: idle); grows while its handler is stuck.", ["worker"], registry=REGISTRY)
 
@@ -45,6 +49,7 @@ class Status:
     catching_up: str | None = None  # the backlog phase under way (e.g. "hand-off replay"), if any
     backlog_events: int | None = None  # events that phase still has to deliver, when known
     backlog_bytes: int | None = None  # bytes of WAL a stream catch-up still has to read
+    sink_problem: str | None = None  # why the sink's server (NATS) takes nothing now, if so
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()

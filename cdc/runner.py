@@ -315,7 +315,7 @@ def _open_sink(settings: Settings, dsn: str, stop: threading.Event,
                               "run it with --workers 1")
         target = Target.parse(settings.sink, stream=settings.nats_stream, subject=settings.nats_subject,
                               token=settings.nats_token, creds=settings.nats_creds, tls_ca=settings.nats_tls_ca,
-                              replicas=settings.nats_replicas)
+                              replicas=settings.nats_replicas, partitions=settings.nats_partitions)
         return JetStreamSink(target, table=(table or DEFAULT_TABLE).qualified, stop_event=stop), None
     if settings.sink.startswith("python:"):
         handler = load_callable(settings.sink.removeprefix("python:"))

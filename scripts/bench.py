@@ -1,6 +1,6 @@
 """cdc's benchmark: every figure a ratio against a reference measured in the same run.
 
-    scripts/bench [--quick] [--out DIR] [--only stream,latency,big,plugins] [--runs N]
+    scripts/bench [--quick] [--out DIR] [--only stream,latency,big,plugins,jetstream] [--runs N]
 
 One embedded cluster (fsync off), one database a scenario so sequences and slots start clean:
 - stream drain: cdc.Consumer(endpos) into a NullSink vs pg_recvlogical -f /dev/null, same WAL,
@@ -16,7 +16,11 @@ One embedded cluster (fsync off), one database a scenario so sequences and slots
 - reconcile over 1M recorded deliveries;
 - plugins (`--only plugins`): wal2json v2 and pgoutput on the same WAL, each drained by cdc and
   by pg_recvlogical with the same plugin and options (TCP loopback), with the walsender's CPU
-  time per event for each reader (what the stream costs the primary).
+  time per event for each reader (what the stream costs the primary);
+- jetstream (`--only jetstream`, needs `pip install -e '.[test]'`): a primed slot of 300,000
+  single-event transactions drained into JetStream (R1, file storage) by the nats sink vs a bare
+  nats-py publish_async loop of the same messages to the same server, and commit -> JetStream
+  reader latency at 500 commits/s.
 Progress on stderr; DIR/results.json, DIR/results.md, DIR/latency.png. Never asserts on speed.
 """
 
@@ -267,6 +271,91 @@ def bench_plugins(cluster: Any, per: int, events: int, runs: int) -> dict[str, A
         }
     drop_database(cluster, db)
     return out
+
+
+def bench_jetstream(cluster: Any, events: int, runs: int) -> dict[str, Any]:
+    """A consumer standing on its primed slot drains `events` single-event transactions into
+    JetStream (R1, file storage) through the nats sink, vs a bare nats-py `publish_async` loop of
+    the same messages (subjects, bodies, headers, read back from the first stream) to the same
+    server, into a stream of its own, every ack awaited."""
+    import asyncio
+
+    import nats
+    from nats.js.api import StorageType, StreamConfig
+
+    from cdc.jetstream import JetStreamSink, Target
+    from tests.natsserver import NatsServer
+
+    db = "bench_jetstream"
+    dsn = psycopg.conninfo.make_conninfo(new_database(cluster, db), host=host(cluster, "tcp"))
+    names = [f"cdc_js_{n}" for n in range(runs)]
+    for n in names:
+        prime(dsn, n)
+    say(f"jetstream: writing {events:,} events in {events:,} transactions")
+    endpos = write(dsn, events, 1)
+    server = NatsServer()
+    cdc_times, bare_times = [], []
+    try:
+        def drain(name: str, stream: str) -> float:
+            sink = JetStreamSink(Target.parse(server.url, stream=stream, subject=stream + ".{stream_id}"))
+            got = 0
+            started = time.monotonic()
+            try:
+                with Consumer(dsn, consumer=name, slot=name, endpos=endpos, on_checkpoint=sink.flush) as feed:
+                    for tx in feed:
+                        sink.write(tx)
+                        got += len(tx.events)
+                sink.flush()
+            finally:
+                sink.close()
+            if got != events:
+                raise SystemExit(f"jetstream: cdc drained {got} events, expected {events}")
+            return time.monotonic() - started
+
+        async def read(stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
+            nc = await nats.connect(server.url)
+            try:
+                js = nc.jetstream()
+                sub = await js.subscribe(stream + ".>", ordered_consumer=True)
+                out = []
+                while len(out) < events:
+                    msg = await sub.next_msg(timeout=10)
+                    out.append((msg.subject, msg.data, dict(msg.headers or {})))
+                await sub.unsubscribe()
+                return out
+            finally:
+                await nc.close()
+
+        async def bare(stream: str, messages: list[tuple[str, bytes, dict[str, str]]]) -> float:
+            nc = await nats.connect(server.url)
+            try:
+                js = nc.jetstream()
+                await js.add_stream(StreamConfig(name=stream, subjects=[stream + ".*"], storage=StorageType.FILE,
+                                                 duplicate_window=120))
+                started = time.monotonic()
+                publish = js.publish_async
+                futures = [await publish(stream + "." + subject.split(".", 1)[1], body, headers=headers)
+                           for subject, body, headers in messages]
+                await asyncio.gather(*futures)
+                return time.monotonic() - started
+            finally:
+                await nc.close()
+
+        messages = None
+        for n, name in enumerate(names):
+            cdc_times.append(drain(name, f"CDC{n}"))
+            if messages is None:
+                messages = asyncio.run(read("CDC0"))
+            bare_times.append(asyncio.run(bare(f"BARE{n}", messages)))
+            say(f"jetstream: cdc {events / cdc_times[-1]:,.0f}/s, bare publish_async {events / bare_times[-1]:,.0f}/s")
+    finally:
+        server.close()
+    drop_database(cluster, db)
+    cdc_rate, bare_rate = events / min(cdc_times), events / min(bare_times)
+    return {"events": events, "cdc_events_per_s": round(cdc_rate), "bare_publish_async_per_s": round(bare_rate),
+            "ratio": round(cdc_rate / bare_rate, 3),
+            "runs": [{"cdc_events_per_s": round(events / c), "bare_publish_async_per_s": round(events / b)}
+                     for c, b in zip(cdc_times, bare_times)]}
 
 
 def drop_database(cluster: Any, db: str) -> None:
@@ -585,7 +674,9 @@ def main() -> None:
     parser.add_argument("--only", default="stream,latency,big,plugins",
                         help="comma-separated parts to run: stream (drain vs pg_recvlogical), latency, "
                              "big (replay vs COPY, peak RSS, reconcile), plugins (wal2json and pgoutput, "
-                             "each vs pg_recvlogical, with walsender CPU per event); default all")
+                             "each vs pg_recvlogical, with walsender CPU per event), jetstream (a primed slot "
+                             "into JetStream vs a bare nats-py publish_async loop, and commit -> JetStream reader "
+                             "latency); default all but jetstream")
     parser.add_argument("--runs", type=int, default=3,
                         help="stream drains per reader, alternating cdc and pg_recvlogical; the best of "
                              "each is compared (default 3)")
@@ -594,9 +685,10 @@ def main() -> None:
     if quick:
         args.runs = 1  # --quick proves the bench works; its figures are not for comparison
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = parts - {"stream", "latency", "big", "plugins"}
+    unknown = parts - {"stream", "latency", "big", "plugins", "jetstream"}
     if unknown:
-        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from stream, latency, big, plugins")
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from stream, latency, big, plugins, "
+                     "jetstream")
     single, multi, big = (20_000, 50_000, 100_000) if quick else (300_000, 500_000, 1_000_000)
     lat_seconds = 2.0 if quick else 10.0
     results: dict[str, Any] = {"quick": quick}
@@ -621,6 +713,9 @@ def main() -> None:
                         samples[key] = stats.pop("samples")
                         latency[key] = stats
             results["latency_ms"] = latency
+        if "jetstream" in parts:
+            results["jetstream"] = bench_jetstream(cluster, single, args.runs)
+            results["jetstream_vs_publish_async"] = results["jetstream"]["ratio"]
         if "plugins" in parts:
             results["plugins_1"] = bench_plugins(cluster, 1, single, args.runs)
             results["plugins_100"] = bench_plugins(cluster, 100, multi, args.runs)

@@ -53,7 +53,7 @@ def test_ctrl_c_on_the_demo_leaves_no_postgres_behind():
     data = _data_dir(proc)
     assert proc.stdout is not None and proc.stdout.readline()  # events are flowing
     proc.send_signal(signal.SIGINT)
-    proc.wait(30)
+    proc.communicate(timeout=30)  # read what it still prints, as a terminal would: a full pipe blocks its exit
     assert wait_for(lambda: not _postgres_running(data), timeout=10)
     assert not os.path.exists(os.path.dirname(data))
 

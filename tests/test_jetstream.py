@@ -183,11 +183,13 @@ sink = JetStreamSink(Target.parse(sys.argv[1], stream=sys.argv[2]), ack_timeout=
 tx = lambda seq: Transaction(xid=seq, commit_lsn=None, end_lsn=None, commit_time=None, source="stream",
                              events=[Event(seq, "s-1", 1, "t", '{"n": 1}', None, None)])
 sink.write(tx(1))
+sink.flush()
 print("ready", flush=True)
 sys.stdin.readline()  # the server is down now: the client reconnects, the write waits for it
 threading.Timer(3.0, stop.set).start()
 try:
     sink.write(tx(2))
+    sink.flush()
 except SinkError as err:
     print("stopped:", err, flush=True)
 sink.close()
