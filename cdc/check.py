@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -55,6 +56,21 @@ def _skip(name: str, detail: str) -> CheckResult:
     return CheckResult(name, True, detail, skipped=True)
 
 
+def sink_check(settings: Any) -> CheckResult:
+    """The nats sink: NATS answers, and the JetStream stream is there and can serve, or will be
+    made by `cdc run`. Never creates anything."""
+    from .jetstream import Target, probe
+
+    try:
+        target = Target.parse(settings.sink, stream=settings.nats_stream, subject=settings.nats_subject,
+                              token=settings.nats_token, creds=settings.nats_creds, tls_ca=settings.nats_tls_ca,
+                              replicas=settings.nats_replicas, partitions=settings.nats_partitions)
+    except CdcError as err:
+        return _fail("sink", str(err), None)
+    ok, detail, fix = probe(target)
+    return _ok("sink", detail) if ok else _fail("sink", detail, fix)
+
+
 def format_results(results: list[CheckResult]) -> str:
     """One line a check: ``OK   wal_level: logical`` / ``FAIL wal2json: ... — fix: ...``."""
     lines = []
@@ -68,9 +84,13 @@ def format_results(results: list[CheckResult]) -> str:
 
 
 def main_check(dsn: str, slot: str = "cdc", table: EventTable = DEFAULT_TABLE,
-               features: tuple[str, ...] = ("run",), plugin: str | None = None, publication: str | None = None) -> int:
+               features: tuple[str, ...] = ("run",), plugin: str | None = None, publication: str | None = None,
+               sink_settings: Any = None) -> int:
     """Run the checks, print them to stdout; 0 when all pass, 1 otherwise."""
     results = run_checks(dsn, slot=slot, table=table, features=features, plugin=plugin, publication=publication)
+    sink = getattr(sink_settings, "sink", None) or ""
+    if sink.startswith(("nats://", "tls://")):
+        results.append(sink_check(sink_settings))
     print(format_results(results), flush=True)
     return 0 if all(r.ok for r in results) else 1
 

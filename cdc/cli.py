@@ -179,21 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numbers", choices=["float", "decimal"], default=None,
                    help="python: sinks: how Event.data reads non-integer numbers (integers are exact either way): "
                         "float (default) or decimal (exact). Other sinks write the payload's exact text regardless")
-    g = p.add_argument_group("nats sink", "--sink nats://[user:pass@|token@]host:port[,host:port] (tls:// for TLS): one "
-                                         "message per event into a JetStream stream, exactly once (Nats-Msg-Id from the "
-                                         "event's seq), a transaction in atomic batches where the stream allows them")
-    g.add_argument("--nats-stream", default=None, help="the JetStream stream, created if missing (default CDC)")
-    g.add_argument("--nats-subject", default=None,
-                   help="subject template (default cdc.events.{stream_id}; the stream id percent-encodes . * > % and "
-                        "whitespace, so it is one token)")
-    g.add_argument("--nats-token", default=None, help="auth token (or in the URL: nats://TOKEN@host:port; or CDC_NATS_TOKEN)")
-    g.add_argument("--nats-creds", default=None, metavar="FILE", help="NATS credentials file (JWT and NKey)")
-    g.add_argument("--nats-tls-ca", default=None, metavar="FILE", help="CA certificate to verify a tls:// server")
-    g.add_argument("--nats-replicas", type=int, default=None, help="replicas of a stream cdc creates (default 1; 3 on a cluster)")
-    g.add_argument("--nats-partitions", type=int, default=None, metavar="N",
-                   help="spread the streams over N partitions: the subject gets a {partition} token (0 to N-1, "
-                        "FNV-1a of the stream id mod N; default template then cdc.events.{partition}.{stream_id}), "
-                        "so N readers each take one with a subject filter, every stream whole in one of them")
+    _nats_opts(p)
     p.add_argument("--webhook-secret", default=None, help="sign webhook bodies: X-Cdc-Signature: sha256=HMAC (or CDC_WEBHOOK_SECRET)")
     p.add_argument("--standby", action="store_true", default=None,
                    help="when the slot is held by another cdc, wait as a hot standby and take over when it dies")
@@ -240,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with settings, as for `cdc run` (slot, table mapping, dsn)")
     p.add_argument("--feature", action="append", choices=["record-deliveries", "reconcile", "dead-letters"],
                    default=None, help="also verify the grants this feature needs (run's are always checked); repeatable")
+    p.add_argument("--sink", default=None,
+                   help="also check the sink `cdc run` will use: for nats://..., that NATS answers and that its "
+                        "JetStream stream can serve (or will be created)")
+    _nats_opts(p)
 
     p = sub.add_parser("demo", help="the whole thing on a throwaway cluster: writers, rollbacks, delivery in commit order",
                        formatter_class=_Formatter)
@@ -364,9 +354,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .check import main_check
         from .connection import resolve_dsn
 
-        settings = _settings(args, "slot", "plugin", "publication")
+        settings = _settings(args, "slot", "plugin", "publication", "sink", *NATS_FLAGS)
         return main_check(resolve_dsn(settings.dsn), settings.slot, _table(args, settings),
-                          ("run", *(args.feature or ())), settings.plugin, settings.publication)
+                          ("run", *(args.feature or ())), settings.plugin, settings.publication,
+                          sink_settings=settings)
     if cmd == "demo":
         from .demo import demo
 
@@ -375,6 +366,28 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 _TABLE_FLAGS = ("preset", "table", "data_encoding", "metadata_encoding")
+
+
+NATS_FLAGS = ("nats_stream", "nats_subject", "nats_token", "nats_creds", "nats_tls_ca", "nats_replicas",
+              "nats_partitions")
+
+
+def _nats_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("nats sink", "--sink nats://[user:pass@|token@]host:port[,host:port] (tls:// for TLS): one "
+                                         "message per event into a JetStream stream, exactly once (Nats-Msg-Id from the "
+                                         "event's seq), a transaction in atomic batches where the stream allows them")
+    g.add_argument("--nats-stream", default=None, help="the JetStream stream, created if missing (default CDC)")
+    g.add_argument("--nats-subject", default=None,
+                   help="subject template (default cdc.events.{stream_id}; the stream id percent-encodes . * > % and "
+                        "whitespace, so it is one token)")
+    g.add_argument("--nats-token", default=None, help="auth token (or in the URL: nats://TOKEN@host:port; or CDC_NATS_TOKEN)")
+    g.add_argument("--nats-creds", default=None, metavar="FILE", help="NATS credentials file (JWT and NKey)")
+    g.add_argument("--nats-tls-ca", default=None, metavar="FILE", help="CA certificate to verify a tls:// server")
+    g.add_argument("--nats-replicas", type=int, default=None, help="replicas of a stream cdc creates (default 1; 3 on a cluster)")
+    g.add_argument("--nats-partitions", type=int, default=None, metavar="N",
+                   help="spread the streams over N partitions: the subject gets a {partition} token (0 to N-1, "
+                        "FNV-1a of the stream id mod N; default template then cdc.events.{partition}.{stream_id}), "
+                        "so N readers each take one with a subject filter, every stream whole in one of them")
 
 
 def _settings(args: argparse.Namespace, *names: str) -> Any:

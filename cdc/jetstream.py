@@ -649,13 +649,9 @@ class JetStreamSink:
                      "window %.0f s%s)", t.stream, t.filter, t.replicas, t.duplicate_window,
                      ", atomic batches" if info.config.allow_atomic else "")
         config = info.config
-        subjects = config.subjects or []
-        if not any(_covers(s, t.filter) for s in subjects):
-            raise ConfigError(f"NATS stream {t.stream} takes subjects {subjects}, not {t.filter}: add {t.filter} to it, "
-                            "or give another --nats-stream")
-        if not config.duplicate_window:
-            raise ConfigError(f"NATS stream {t.stream} has no duplicate window: exactly once needs one "
-                            "(duplicate_window, e.g. 2m)")
+        problem = stream_problem(config, t)
+        if problem is not None:
+            raise ConfigError(f"{problem[0]}: {problem[1]}")
         self.atomic = bool(getattr(config, "allow_atomic", False))
         return int(info.state.last_seq or 0) if info.state is not None else 0
 
@@ -666,6 +662,85 @@ class JetStreamSink:
         except TimeoutError:
             future.cancel()
             raise
+
+
+def stream_problem(config: Any, t: Target) -> tuple[str, str] | None:
+    """Why an existing stream cannot serve the sink (what, and the fix), or None."""
+    subjects = config.subjects or []
+    if not any(_covers(s, t.filter) for s in subjects):
+        return (f"NATS stream {t.stream} takes subjects {subjects}, not {t.filter}",
+                f"add {t.filter} to it, or give another --nats-stream")
+    if not config.duplicate_window:
+        return (f"NATS stream {t.stream} has no duplicate window",
+                "exactly once needs one (duplicate_window, e.g. 2m)")
+    return None
+
+
+def probe(t: Target, timeout: float = 5.0) -> tuple[bool, str, str | None]:
+    """For `cdc check`: whether NATS answers and the stream can serve: (ok, what, fix)."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    import socket
+
+    refused = []
+    for server in t.servers:  # nats-py retries a refused first connection for a while: ask TCP first
+        parts = urlsplit(server)
+        try:
+            socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=timeout).close()
+        except OSError as err:
+            refused.append(f"{parts.netloc}: {err.strerror or err}")
+    if len(refused) == len(t.servers):
+        return False, f"NATS does not answer ({'; '.join(refused)})", \
+            "start it, or fix --sink (nats://host:port)"
+
+    async def go() -> tuple[bool, str, str | None]:
+        options: dict[str, Any] = {"servers": t.servers, "connect_timeout": timeout, "allow_reconnect": False,
+                                   "max_reconnect_attempts": 0}
+        if t.user is not None:
+            options |= {"user": t.user, "password": t.password}
+        if t.token is not None:
+            options["token"] = t.token
+        if t.creds is not None:
+            options["user_credentials"] = t.creds
+        if t.tls_ca is not None:
+            import ssl
+
+            options["tls"] = ssl.create_default_context(cafile=t.tls_ca)
+        async def no_errors(err: Exception) -> None:
+            pass
+
+        options["error_cb"] = no_errors
+        try:
+            nc = await asyncio.wait_for(nats.connect(**options), timeout=timeout * (len(t.servers) + 1))
+        except Exception as err:
+            return False, f"NATS {','.join(t.servers)} does not answer ({_one_line(err)})", \
+                "start it, or fix --sink (nats://host:port) and the credentials"
+        try:
+            js = nc.jetstream(timeout=timeout)
+            try:
+                account = await js.account_info()
+            except Exception as err:
+                return False, f"NATS {','.join(t.servers)} answers but JetStream does not ({_one_line(err)})", \
+                    "run nats-server with JetStream enabled (-js), and give the account JetStream limits"
+            try:
+                info = await js.stream_info(t.stream)
+            except NotFoundError:
+                return True, (f"NATS {nc.connected_url.netloc if nc.connected_url else t.servers[0]} (JetStream, "
+                              f"{account.streams} stream(s)): stream {t.stream} does not exist yet; `cdc run` creates "
+                              f"it (subjects {t.filter}, file storage, {t.replicas} replica(s))"), None
+            problem = stream_problem(info.config, t)
+            if problem is not None:
+                return False, problem[0], problem[1]
+            c = info.config
+            return True, (f"NATS stream {t.stream}: {info.state.messages:,} messages, subjects {c.subjects}, "
+                          f"{getattr(c.storage, 'value', c.storage)} storage, {c.num_replicas} replica(s), duplicate "
+                          f"window {c.duplicate_window:g} s"
+                          f"{', atomic batches' if getattr(c, 'allow_atomic', False) else ''}"), None
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
 
 
 def _one_line(err: BaseException) -> str:

