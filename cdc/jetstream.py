@@ -1,4 +1,4 @@
-"""The NATS JetStream sink: one message per event, exactly once, a transaction at a time.
+"""The NATS JetStream sink: one message per event, exactly once, in commit order.
 
 One slot feeds a durable, replicated log that many consumers on many machines read. Each event
 is one message on the subject of its stream (`cdc.events.<stream_id>` by default); its body is
@@ -8,14 +8,17 @@ event's identity (its table and seq), never from the delivery, so the stream, a 
 poller, a hand-off and a restart after kill -9 all publish the same id for the same event, and
 JetStream stores it once (within the stream's duplicate window).
 
-A transaction is published as atomic batches where the stream allows them (NATS 2.12+,
-`allow_atomic`; at most 1,000 messages a batch, so a larger transaction goes in ordered
-batches): a reader sees none of a batch or all of it. A batch that JetStream refuses because it
-holds an id it has already seen (error 10201: a retry after a crash, or the same events again
-along another path with other batch boundaries) is published again message by message, each
-de-duplicated on its own: a batch is refused whole even when only some of its ids were seen.
-`write` returns once JetStream has acknowledged every message of the transaction, so the slot
-is acknowledged only after that. NATS down or unreachable: `write` waits, reconnecting with
+Publishing is pipelined: `write` queues a transaction and returns, `flush` (called by the
+consumer before it acknowledges the slot) returns once JetStream has acknowledged every message
+so far. Each message carries `Nats-Expected-Last-Msg-Id`, the id of the one published before it,
+so a connection broken mid-flight cannot leave a later message stored before a lost one: the
+stream stays in commit order, and the sink publishes again from the first message not stored. A
+transaction of several events goes as atomic batches where the stream allows them (NATS 2.12+,
+`allow_atomic`; at most 1,000 messages a batch): a reader sees none of a batch or all of it. A
+batch refused because JetStream holds one of its ids (error 10201: a retry after a crash) goes
+again message by message, each de-duplicated on its own. Past the duplicate window JetStream
+would store a republished event again, so at start the sink reads the stream's last message and
+skips what comes again before it. NATS down or unreachable: `flush` waits, reconnecting with
 backoff (nothing dropped, nothing acknowledged), until it is back or the run is stopped.
 
 nats-py is asyncio; the sink runs its own event loop in a thread and the feed waits on it.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -48,9 +52,11 @@ BATCH_MAX = 1000  # the server's limit on an atomic batch
 DUPLICATE_IN_BATCH = 10201  # "atomic publish batch contains duplicate message id"
 ATOMIC_DISABLED = 10174  # "atomic publish is disabled"
 SUBJECTS_OVERLAP = 10065  # "subjects overlap with an existing stream"
+STORED, DUPLICATE = 1, 2  # a message's state once JetStream answered: stored now, or held already
 WRONG_LAST_ID = 10070  # "wrong last msg ID": the chain (Nats-Expected-Last-Msg-Id) did not hold
 EXPECTED_LAST_ID = "Nats-Expected-Last-Msg-Id"
 DEFAULT_SUBJECT = "cdc.events.{stream_id}"
+_NEEDS_ESCAPE = re.compile(r"[.*>%\s]")
 _SPECIAL = {".": "%2E", "*": "%2A", ">": "%3E", "%": "%25", " ": "%20", "\t": "%09", "\r": "%0D", "\n": "%0A"}
 
 
@@ -60,7 +66,7 @@ def subject_token(stream_id: str) -> str:
     id becomes `%00`. Reversible: `urllib.parse.unquote` gives the id back."""
     if not stream_id:
         return "%00"
-    if not any(c in _SPECIAL for c in stream_id):
+    if _NEEDS_ESCAPE.search(stream_id) is None:
         return stream_id
     return "".join(_SPECIAL.get(c, c) for c in stream_id)
 
@@ -165,7 +171,7 @@ class JetStreamSink:
         self._js: Any = None
         # Loop-thread state. `_queue` is what `write` handed over; `_sent` the messages published
         # and not yet known stored, in publish order, each [subject, body, headers, state]
-        # (state None: no answer yet, True: stored, else the error).
+        # (state None: no answer yet, STORED, DUPLICATE, else the error).
         self._queue: deque[Transaction] = deque()
         self._sent: list[list[Any]] = []
         self._replies: dict[str, list[Any]] = {}
@@ -173,6 +179,7 @@ class JetStreamSink:
         self._inbox = ""
         self._reply_n = 0
         self._chain: str | None = None  # the id of the last message published: the next one expects it
+        self._after_duplicate = False  # whether the last message known stored was one JetStream held already
         self._resume: tuple[str, Lsn | None, int] | None = None  # what the stream held at start
         self._drainer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
@@ -276,6 +283,10 @@ class JetStreamSink:
                 raise
         finally:
             self._drainer = None
+            if self._queue and self._failure is None:
+                # `write` appended after the loop above found the queue empty, and saw this
+                # drainer still running: take it now rather than at the next write or flush.
+                self._wake()
 
     async def _flush(self) -> None:
         while True:
@@ -334,7 +345,6 @@ class JetStreamSink:
             self._replies[reply] = m
             self._sent.append(m)
             await publish(m[0], m[1], reply=reply, headers=headers)
-        metrics.SINK_UNACKED.set(len(self._sent))
 
     def _on_reply(self, msg: Any) -> None:
         m = self._replies.pop(msg.subject, None)
@@ -350,7 +360,10 @@ class JetStreamSink:
             except orjson.JSONDecodeError:
                 answer = {"error": {"err_code": 0, "description": f"unreadable answer {data[:80]!r}"}}
             error = answer.get("error")
-            m[3] = True if error is None else (error.get("err_code", 0), error.get("description", ""))
+            if error is None:
+                m[3] = DUPLICATE if answer.get("duplicate") else STORED
+            else:
+                m[3] = (error.get("err_code", 0), error.get("description", ""))
         self._answered.set()
 
     async def _settle(self) -> None:
@@ -368,8 +381,10 @@ class JetStreamSink:
                     await asyncio.wait_for(self._answered.wait(), timeout=max(0.01, deadline - time.monotonic()))
                 except TimeoutError:
                     break
-            first = next((i for i, m in enumerate(sent) if m[3] is not True), None)
+            first = next((i for i, m in enumerate(sent) if m[3] not in (STORED, DUPLICATE)), None)
             stored = len(sent) if first is None else first
+            if stored:
+                self._after_duplicate = sent[stored - 1][3] == DUPLICATE
             self.published += stored
             del sent[:stored]
             metrics.SINK_UNACKED.set(len(sent))
@@ -382,11 +397,17 @@ class JetStreamSink:
                 # not the one published before (a hand-off or a failover republished in another
                 # order, or another publisher). Chain it to what the stream holds and go on.
                 held = state[1].partition("wrong last msg ID:")[2].strip()
-                sent[0][2].pop(EXPECTED_LAST_ID, None)
+                expected = sent[0][2].pop(EXPECTED_LAST_ID, None)
                 if held:
                     sent[0][2][EXPECTED_LAST_ID] = held
-                log.info("NATS stream %s: its last message is %s, not the one cdc published before; "
-                         "chaining to it", self.target.stream, held or "none")
+                if self._after_duplicate:  # a replay (hand-off, failover) republished in another order
+                    log.info("NATS stream %s: its last message is %s (events were published again in another "
+                             "order, each acknowledged as held): chaining to it", self.target.stream, held or "none")
+                else:
+                    log.warning("NATS stream %s: its last message is %s, not %s which it acknowledged: chaining to "
+                                "it (another publisher, or a server that lost acknowledged messages in a crash: an "
+                                "R1 stream without sync_interval: always can)", self.target.stream, held or "none",
+                                expected)
                 await self._resend()
                 continue
             attempt += 1
@@ -678,10 +699,10 @@ def stream_problem(config: Any, t: Target) -> tuple[str, str] | None:
 
 def probe(t: Target, timeout: float = 5.0) -> tuple[bool, str, str | None]:
     """For `cdc check`: whether NATS answers and the stream can serve: (ok, what, fix)."""
+    import socket
+
     import nats
     from nats.js.errors import NotFoundError
-
-    import socket
 
     refused = []
     for server in t.servers:  # nats-py retries a refused first connection for a while: ask TCP first

@@ -154,6 +154,8 @@ class Reader:
         self._stop.set()
 
     def __iter__(self) -> Iterator[Transaction]:
+        if self._sub is None and not self._call(self._subscribe()):
+            return
         idle = 0.0
         while not self._stop.is_set():
             messages = self._call(self._fetch(0.5))
@@ -201,7 +203,6 @@ class Reader:
 
     async def _open(self) -> None:
         import nats
-        from nats.js.api import ConsumerConfig, DeliverPolicy
 
         t = self.target
         options: dict[str, Any] = {"servers": t.servers, "connect_timeout": 5, "max_reconnect_attempts": -1,
@@ -214,11 +215,33 @@ class Reader:
         if t.creds is not None:
             options["user_credentials"] = t.creds
         self._nc = await nats.connect(**options)
+
+    async def _subscribe(self) -> bool:
+        """Subscribe, waiting for the stream if `cdc run` has not made it yet. False: stopped."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        t = self.target
         js = self._nc.jetstream()
+        waited = False
+        while True:
+            try:
+                await js.stream_info(t.stream)
+                break
+            except NotFoundError:
+                if not waited:
+                    log.info("NATS stream %s does not exist yet: waiting for `cdc run --sink nats://...` to make it",
+                             t.stream)
+                    waited = True
+                for _ in range(10):
+                    if self._stop.is_set():
+                        return False
+                    await asyncio.sleep(0.1)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.after + 1) \
             if self.after else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         self._sub = await js.subscribe(self.subjects, stream=t.stream, ordered_consumer=True, config=config,
                                        pending_msgs_limit=-1, pending_bytes_limit=-1)
+        return True
 
     async def _fetch(self, timeout: float) -> list[tuple[int, bytes]]:
         sub = self._sub
@@ -274,6 +297,8 @@ class JetStreamProjection:
         try:
             with self.conn.transaction():
                 self.conn.execute(POSITIONS_SQL)
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            pass  # another reader made it at the same moment
         except psycopg.errors.InsufficientPrivilege as err:
             raise ConfigError(f"cannot create cdc.jetstream_positions ({err.diag.message_primary}): run `cdc setup` "
                               "as the schema's owner, or grant CREATE on schema cdc") from None

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -356,6 +357,81 @@ def bench_jetstream(cluster: Any, events: int, runs: int) -> dict[str, Any]:
             "ratio": round(cdc_rate / bare_rate, 3),
             "runs": [{"cdc_events_per_s": round(events / c), "bare_publish_async_per_s": round(events / b)}
                      for c, b in zip(cdc_times, bare_times)]}
+
+
+def bench_jetstream_latency(cluster: Any, rate: int, seconds: float) -> dict[str, Any]:
+    """Commit -> JetStream reader: `cdc run --sink nats://...` in its own process, a `Reader`
+    here noting when each event arrives, paced writers committing (synchronous_commit on)."""
+    from cdc.jetstream import Target
+    from cdc.jetstream_reader import Reader
+    from tests.natsserver import NatsServer
+
+    db = "bench_js_latency"
+    dsn = new_database(cluster, db)
+    prime(dsn, "jslat")
+    server = NatsServer()
+    log_path = Path(tempfile.mkstemp(prefix="cdc-bench-js-")[1])
+    commits: dict[int, float] = {}
+    arrivals: dict[int, float] = {}
+    stop = threading.Event()
+    sync = "-c synchronous_commit=on"
+    with open(log_path, "ab") as log:
+        run = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--consumer", "jslat", "--mode", "stream",
+                                "--sink", server.url, "--nats-stream", "LAT"], stderr=log, stdout=subprocess.DEVNULL,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while "streaming from slot" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reader = Reader(Target.parse(server.url, stream="LAT"))
+
+        def read() -> None:
+            for tx in reader:
+                now = time.time()
+                for e in tx.events:
+                    arrivals[e.seq] = now
+
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        time.sleep(1.0)
+
+        def paced(thread: int, per_second: float) -> None:
+            with psycopg.connect(dsn, autocommit=True, options=sync) as conn:
+                started = time.monotonic()
+                i = 0
+                while not stop.is_set():
+                    delay = started + i / per_second - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    seq = conn.execute(LATENCY_INSERT, (f"w{thread}-{i}", "Paced")).fetchone()[0]
+                    commits[seq] = time.time()
+                    i += 1
+
+        threads = [threading.Thread(target=paced, args=(t, rate / 2)) for t in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        deadline = time.monotonic() + 20
+        while not set(commits) <= set(arrivals) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reader.stop()
+        reading.join(5)
+        reader.close()
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(30)
+        server.close()
+        log_path.unlink()
+    drop_database(cluster, db)
+    lat = [max(0.0, arrivals[s] - c) * 1000 for s, c in commits.items() if s in arrivals]
+    stats = percentiles(lat) | {"commits": len(commits), "achieved_rate": round(len(commits) / seconds),
+                                "missing": len(commits) - len(lat)}
+    say(f"latency commit -> JetStream reader {rate}/s: p50 {stats['p50']} p99 {stats['p99']} max {stats['max']} ms "
+        f"({stats['achieved_rate']}/s achieved, {stats['missing']} missing)")
+    return stats
 
 
 def drop_database(cluster: Any, db: str) -> None:
@@ -716,6 +792,7 @@ def main() -> None:
         if "jetstream" in parts:
             results["jetstream"] = bench_jetstream(cluster, single, args.runs)
             results["jetstream_vs_publish_async"] = results["jetstream"]["ratio"]
+            results["jetstream_latency_ms"] = bench_jetstream_latency(cluster, 500, lat_seconds)
         if "plugins" in parts:
             results["plugins_1"] = bench_plugins(cluster, 1, single, args.runs)
             results["plugins_100"] = bench_plugins(cluster, 100, multi, args.runs)

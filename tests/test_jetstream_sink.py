@@ -198,3 +198,24 @@ def test_partitions_put_every_stream_whole_in_one_partition(server):
         seen.setdefault(record["stream_id"], set()).add(part)
     assert all(len(parts) == 1 for parts in seen.values()) and len({p for v in seen.values() for p in v}) == 3
     assert Target.parse("nats://h:1", partitions=3).partition_filter(1) == "cdc.events.1.*"
+
+
+def test_events_published_again_in_another_order_are_held_once_and_the_chain_goes_on(server, caplog):
+    """A hand-off after a failover replays by seq what the stream path published in commit
+    order: JetStream holds each already (duplicates), and the next new event's chain names the
+    last one republished, not the stream's last. Nothing is lost, so the sink chains on."""
+    stream = _name()
+    s = sink(server.url, stream)
+    try:
+        for n in range(1, 6):
+            s.write(tx([n], lsn=700 + n))
+        s.flush()
+        for n in (3, 5, 4):
+            s.write(tx([n], source="poll"))
+        s.write(tx([6], lsn=800))
+        with caplog.at_level("INFO", logger="cdc.jetstream"):
+            s.flush()
+    finally:
+        s.close()
+    assert _seqs(server.url, stream) == [1, 2, 3, 4, 5, 6]
+    assert "published again in another order" in caplog.text
