@@ -145,7 +145,8 @@ class JetStreamSink:
     returns; `flush` returns once JetStream has acknowledged every message written so far (the
     consumer acknowledges the slot only after it). `stop_event` interrupts a wait for NATS with
     SinkError: what was not acknowledged is then not acknowledged to the slot either, and comes
-    again."""
+    again. In library mode, give the consumer `on_checkpoint=sink.flush` (as `cdc run` does), so
+    the slot moves only past what JetStream holds."""
 
     def __init__(self, target: Target, *, table: str = "cdc.events", ack_timeout: float = 10.0,
                  backoff_initial: float = 0.2, backoff_max: float = 10.0,

@@ -303,3 +303,23 @@ def test_cdc_check_reports_the_nats_sink(dsn, nats_url, tmp_path):
     code, out = _check_cli(dsn, "--sink", "nats://127.0.0.1:9", "--nats-stream", stream)
     line = next(x for x in out.splitlines() if x.split()[1:2] == ["sink:"])
     assert code == 1 and line.startswith("FAIL") and "does not answer" in line and "fix: start it" in line, out
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--nats-subject", "a.b"], "must contain {stream_id}"),
+    (["--nats-subject", "a.{foo}.{stream_id}"], "only {stream_id} and {partition} may be in braces"),
+    (["--nats-partitions", "0"], "nats_partitions=0"),
+    (["--workers", "2"], "--workers N with a nats sink"),
+    (["--sink", "nats://"], "or nats://HOST:PORT"),
+])
+def test_a_wrong_nats_flag_is_one_line_before_anything_connects(flags, says):
+    import subprocess
+    import sys
+
+    from .faults import ROOT
+
+    args = ["--sink", "nats://127.0.0.1:9", *flags] if flags[0] != "--sink" else flags
+    out = subprocess.run([sys.executable, "-m", "cdc", "run", "--dsn", "host=/nonexistent", *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and says in lines[0] and lines[0].startswith("cdc: error: "), out.stderr
