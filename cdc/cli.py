@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Deliver every committed event exactly once per consumer position, in commit order (stream)\n"
             "or seq order (poll). Settings come from flags, then CDC_* environment variables (e.g. CDC_SINK),\n"
-            "then the --config TOML file. SIGTERM/SIGINT: finish the current transaction, acknowledge, exit 0."
+            "then the --config TOML file. SIGTERM/SIGINT: finish the current transaction, acknowledge, exit 0. "
+            "SIGUSR1: print every thread's stack to stderr (what a stuck run is doing)."
         ),
     )
     _common(p)
@@ -253,6 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .consumer import tune_gc
 
         tune_gc()
+        # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck process is doing.
+        import faulthandler
+        import signal
+
+        if hasattr(signal, "SIGUSR1"):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     json_errors = (args.log_format or os.environ.get("CDC_LOG_FORMAT", "")).strip().lower() == "json"
     setup_logging(args.log_format or "text", args.log_level or ("warning" if args.command in ("check", "reconcile", "status") else "info"))
     try:

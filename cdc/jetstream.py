@@ -139,6 +139,64 @@ class Target:
     def display(self) -> str:
         return ",".join(self.servers) + f" stream {self.stream}"
 
+    def connect_options(self) -> dict[str, Any]:
+        """What `nats.connect` needs to reach and log in to these servers."""
+        options: dict[str, Any] = {"servers": self.servers}
+        if self.user is not None:
+            options |= {"user": self.user, "password": self.password}
+        if self.token is not None:
+            options["token"] = self.token
+        if self.creds is not None:
+            options["user_credentials"] = self.creds
+        if self.tls_ca is not None:
+            import ssl
+
+            options["tls"] = ssl.create_default_context(cafile=self.tls_ca)
+        return options
+
+
+class EventLoop:
+    """nats-py is asyncio and the feed is not: an event loop in a daemon thread, `call` to run a
+    coroutine on it and wait, `close` to end it (after every task left on it, so that nothing is
+    destroyed pending at exit)."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def close(self, client: Any) -> None:
+        """Close nats-py `client` (if any), end the tasks left, stop the loop."""
+        async def shutdown() -> None:
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.close(), timeout=5)
+                except Exception:
+                    pass
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            if self.loop.is_running():
+                self.call(shutdown(), timeout=10)
+        except Exception:
+            pass
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            if not self._thread.is_alive():
+                self.loop.close()
+
 
 class JetStreamSink:
     """Publishes each event of each transaction to JetStream. `write` queues a transaction and
@@ -184,9 +242,8 @@ class JetStreamSink:
         self._resume: tuple[str, Lsn | None, int] | None = None  # what the stream held at start
         self._drainer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cdc-nats", daemon=True)
-        self._thread.start()
+        self._events = EventLoop("cdc-nats")
+        self._loop, self._call = self._events.loop, self._events.call
         metrics.SINK_CONNECTED.set(0)
         if connect:
             # Now, so that a stream that cannot serve (overlapping subjects, no duplicate window)
@@ -219,28 +276,7 @@ class JetStreamSink:
 
     def close(self) -> None:
         self._closing = True
-        try:
-            self._call(self._shutdown(), timeout=10)
-        except Exception:
-            pass
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-            if not self._thread.is_alive():
-                self._loop.close()
-
-    async def _shutdown(self) -> None:
-        """Close the connection, then end every task nats-py left behind (a reconnect in progress
-        leaves its reader, pinger and flusher): a loop stopped under them prints tracebacks at exit."""
-        if self._nc is not None:
-            try:
-                await asyncio.wait_for(self._nc.close(), timeout=5)
-            except Exception:
-                pass
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._events.close(self._nc)
 
     # -- publishing (the loop thread) --------------------------------------------------------
     #
@@ -558,21 +594,10 @@ class JetStreamSink:
     async def _connect(self) -> None:
         import nats
 
-        t = self.target
-        options: dict[str, Any] = {"servers": t.servers, "connect_timeout": 5, "max_reconnect_attempts": -1,
-                                   "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "cdc",
-                                   "error_cb": self._on_error, "disconnected_cb": self._on_disconnected,
-                                   "reconnected_cb": self._on_reconnected}
-        if t.user is not None:
-            options |= {"user": t.user, "password": t.password}
-        if t.token is not None:
-            options["token"] = t.token
-        if t.creds is not None:
-            options["user_credentials"] = t.creds
-        if t.tls_ca is not None:
-            import ssl
-
-            options["tls"] = ssl.create_default_context(cafile=t.tls_ca)
+        options = self.target.connect_options() | {
+            "connect_timeout": 5, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "allow_reconnect": True,
+            "name": "cdc", "error_cb": self._on_error, "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected}
         if self._nc is not None:  # a closed connection (nats-py gave up on it): a new one
             old, self._nc = self._nc, None
             self._closing = True
@@ -677,14 +702,6 @@ class JetStreamSink:
         self.atomic = bool(getattr(config, "allow_atomic", False))
         return int(info.state.last_seq or 0) if info.state is not None else 0
 
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
-
 
 def stream_problem(config: Any, t: Target) -> tuple[str, str] | None:
     """Why an existing stream cannot serve the sink (what, and the fix), or None."""
@@ -717,18 +734,9 @@ def probe(t: Target, timeout: float = 5.0) -> tuple[bool, str, str | None]:
             "start it, or fix --sink (nats://host:port)"
 
     async def go() -> tuple[bool, str, str | None]:
-        options: dict[str, Any] = {"servers": t.servers, "connect_timeout": timeout, "allow_reconnect": False,
-                                   "max_reconnect_attempts": 0}
-        if t.user is not None:
-            options |= {"user": t.user, "password": t.password}
-        if t.token is not None:
-            options["token"] = t.token
-        if t.creds is not None:
-            options["user_credentials"] = t.creds
-        if t.tls_ca is not None:
-            import ssl
+        options = t.connect_options() | {"connect_timeout": timeout, "allow_reconnect": False,
+                                         "max_reconnect_attempts": 0}
 
-            options["tls"] = ssl.create_default_context(cafile=t.tls_ca)
         async def no_errors(err: Exception) -> None:
             pass
 

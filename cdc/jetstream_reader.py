@@ -21,7 +21,7 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -31,7 +31,7 @@ import psycopg
 from .checkpoint import durable
 from .errors import ConfigError, DecodeError
 from .events import DecimalEvent, Event, Lsn, Transaction
-from .jetstream import Target
+from .jetstream import EventLoop, Target
 
 log = logging.getLogger("cdc.jetstream")
 
@@ -135,9 +135,8 @@ class Reader:
         self._stop = threading.Event()
         self._nc: Any = None
         self._sub: Any = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cdc-nats-reader", daemon=True)
-        self._thread.start()
+        self._events = EventLoop("cdc-nats-reader")
+        self._call = self._events.call
         try:
             self._call(self._open(), timeout=30)
         except BaseException:
@@ -190,30 +189,14 @@ class Reader:
                            commit_time=None, events=events, source=rest.get("source") or "stream")
 
     def close(self) -> None:
-        try:
-            if self._loop.is_running():
-                self._call(self._close(), timeout=10)
-        except Exception:
-            pass
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-            if not self._thread.is_alive():
-                self._loop.close()
+        self._events.close(self._nc)
 
     async def _open(self) -> None:
         import nats
 
-        t = self.target
-        options: dict[str, Any] = {"servers": t.servers, "connect_timeout": 5, "max_reconnect_attempts": -1,
-                                   "reconnect_time_wait": 0.5, "name": "cdc-reader",
-                                   "error_cb": self._on_error}
-        if t.user is not None:
-            options |= {"user": t.user, "password": t.password}
-        if t.token is not None:
-            options["token"] = t.token
-        if t.creds is not None:
-            options["user_credentials"] = t.creds
+        options = self.target.connect_options() | {
+            "connect_timeout": 5, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "name": "cdc-reader",
+            "error_cb": self._on_error}
         self._nc = await nats.connect(**options)
 
     async def _subscribe(self) -> bool:
@@ -259,22 +242,8 @@ class Reader:
             out.append((msg.metadata.sequence.stream, msg.data))
         return out
 
-    async def _close(self) -> None:
-        if self._nc is not None:
-            try:
-                await asyncio.wait_for(self._nc.close(), timeout=5)
-            except Exception:
-                pass
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     async def _on_error(self, err: Exception) -> None:
         log.warning("NATS %s (reader): %s", self.target.display, f"{type(err).__name__}: {err}".strip())
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
 
 class JetStreamProjection:

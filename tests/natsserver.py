@@ -129,7 +129,16 @@ def stream_messages(url: str, stream: str) -> list[tuple[str, dict[str, str], di
         finally:
             await nc.close()
 
-    return asyncio.run(read())
+    # A cluster that just lost a node may time out making the read's consumer while it elects a
+    # leader: ask again, for a while.
+    for attempt in range(8):
+        try:
+            return asyncio.run(read())
+        except Exception as err:
+            if attempt == 7 or "timeout" not in f"{type(err).__name__} {err}".lower():
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
 
 
 def stream_count(url: str, stream: str) -> int:
@@ -150,3 +159,4 @@ def stream_count(url: str, stream: str) -> int:
 
 def external_url() -> str | None:
     return os.environ.get("CDC_TEST_NATS_URL") or None
+

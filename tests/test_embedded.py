@@ -53,7 +53,14 @@ def test_ctrl_c_on_the_demo_leaves_no_postgres_behind():
     data = _data_dir(proc)
     assert proc.stdout is not None and proc.stdout.readline()  # events are flowing
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)  # read what it still prints, as a terminal would: a full pipe blocks its exit
+    try:
+        proc.communicate(timeout=60)  # read what it still prints, as a terminal would: a full pipe blocks its exit
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # its threads' stacks, to stderr
+        time.sleep(1)
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError("the demo did not stop on Ctrl-C:\n" + err.decode(errors="replace")[-6000:]) from None
     assert wait_for(lambda: not _postgres_running(data), timeout=10)
     assert not os.path.exists(os.path.dirname(data))
 

