@@ -59,12 +59,10 @@ def _skip(name: str, detail: str) -> CheckResult:
 def sink_check(settings: Any) -> CheckResult:
     """The nats sink: NATS answers, and the JetStream stream is there and can serve, or will be
     made by `cdc run`. Never creates anything."""
-    from .jetstream import Target, probe
+    from .jetstream import probe, target_of
 
     try:
-        target = Target.parse(settings.sink, stream=settings.nats_stream, subject=settings.nats_subject,
-                              token=settings.nats_token, creds=settings.nats_creds, tls_ca=settings.nats_tls_ca,
-                              replicas=settings.nats_replicas, partitions=settings.nats_partitions)
+        target = target_of(settings)
     except CdcError as err:
         return _fail("sink", str(err), None)
     ok, detail, fix = probe(target)

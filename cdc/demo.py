@@ -28,6 +28,19 @@ class _Rollback(Exception):
     pass
 
 
+def write_for(dsn: str, writers: int, seconds: float, stats: dict[str, int]) -> None:
+    """`writers` concurrent writers for `seconds`, counting into `stats` what committed and what
+    rolled back."""
+    lock = threading.Lock()
+    until = time.monotonic() + seconds
+    threads = [threading.Thread(target=_writer, args=(dsn, n, until, stats, lock), daemon=True)
+               for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _writer(dsn: str, n: int, until: float, stats: dict[str, int], lock: threading.Lock) -> None:
     rng = random.Random(n)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -61,7 +74,6 @@ def demo(*, seconds: float = 5.0, writers: int = 4) -> int:
         with psycopg.connect(dsn, autocommit=True) as conn:
             store.setup(conn)
         stats = {"committed": 0, "rolled_back": 0}
-        lock = threading.Lock()
         delivered: list[tuple[int, str, int, int | None]] = []  # seq, stream, version, xid
         sink = StreamSink()
         consumer = Consumer(dsn, consumer="demo", mode="auto", checkpoint_interval=0.5)
@@ -79,13 +91,7 @@ def demo(*, seconds: float = 5.0, writers: int = 4) -> int:
                 time.sleep(0.02)
             print(f"cdc demo: {writers} writers for {seconds:g} s on {cluster.dsn}; events follow on stdout",
                   file=sys.stderr)
-            until = time.monotonic() + seconds
-            threads = [threading.Thread(target=_writer, args=(dsn, n, until, stats, lock), daemon=True)
-                       for n in range(writers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            write_for(dsn, writers, seconds, stats)
             deadline = time.monotonic() + 20
             with psycopg.connect(dsn, autocommit=True) as conn:
                 committed = {r[0] for r in conn.execute("SELECT seq FROM cdc.events")}

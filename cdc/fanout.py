@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import psycopg
 
 from . import store
 from .consumer import Consumer
-from .demo import _writer
+from .demo import write_for
 from .embedded import NatsServer, embedded_cluster
 from .events import Transaction
 from .jetstream import Target, partition_of
@@ -104,14 +103,7 @@ def fanout(*, seconds: float = 5.0, writers: int = 4, partitions: int = 3) -> in
             print(f"cdc demo --fanout: cdc run -> JetStream {nats.url} (stream CDC, {partitions} partitions) -> "
                   f"{partitions} projection processes; {writers} writers for {seconds:g} s", file=out)
             stats = {"committed": 0, "rolled_back": 0}
-            lock = threading.Lock()
-            until = time.monotonic() + seconds
-            threads = [threading.Thread(target=_writer, args=(dsn, n, until, stats, lock), daemon=True)
-                       for n in range(writers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            write_for(dsn, writers, seconds, stats)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 committed = conn.execute("SELECT seq, stream_id, version FROM cdc.events").fetchall()
                 deadline = time.monotonic() + 60

@@ -230,12 +230,8 @@ class Reader:
         sub = self._sub
         try:
             msg = await sub.next_msg(timeout=timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:  # nats-py's own is one (and asyncio's, since 3.11)
             return []
-        except Exception as err:  # nats-py's own timeout class, a reconnect
-            if type(err).__name__ == "TimeoutError":
-                return []
-            raise
         out = [(msg.metadata.sequence.stream, msg.data)]
         while len(out) < self.batch_max and sub.pending_msgs > 0:
             msg = await sub.next_msg(timeout=1)

@@ -18,7 +18,7 @@ from .checkpoint import Projection
 from .config import Settings
 from .connection import connect, conninfo_user, resolve_dsn, server_not_ready
 from .consumer import Consumer
-from .errors import CdcError, ConfigError, SinkError, SlotInUseError
+from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction, wire_records
 from .partitions import Partition
 from .progress import counted
@@ -255,7 +255,9 @@ def run(settings: Settings) -> int:
     projection_conn = None
     try:
         if settings.sink.startswith(("nats://", "tls://")):
-            nats_target(settings)  # a wrong flag is told before anything connects
+            from .jetstream import target_of
+
+            target_of(settings)  # a wrong flag is told before anything connects
         # A server starting, stopping or restarting (a sidecar started with its database, a
         # restart during ours) is waited for; any other failure to connect ends the run at once.
         deadline, attempt = time.monotonic() + settings.startup_wait, 0
@@ -307,26 +309,12 @@ def run(settings: Settings) -> int:
             server.close()
 
 
-def nats_target(settings: Settings) -> Any:
-    """The JetStream target of `--sink nats://...` and its flags, checked before anything
-    connects: a subject template or a flag that cannot work is one line at once, not after the
-    database was reached."""
-    from .jetstream import Target
-
-    if settings.workers > 1:
-        raise ConfigError("--workers N with a nats sink: JetStream keeps per-subject order for one publisher; "
-                          "run it with --workers 1")
-    return Target.parse(settings.sink, stream=settings.nats_stream, subject=settings.nats_subject,
-                        token=settings.nats_token, creds=settings.nats_creds, tls_ca=settings.nats_tls_ca,
-                        replicas=settings.nats_replicas, partitions=settings.nats_partitions)
-
-
 def _open_sink(settings: Settings, dsn: str, stop: threading.Event,
                table: EventTable | None = None) -> tuple[Sink, psycopg.Connection | None]:
     if settings.sink.startswith(("nats://", "tls://")):
-        from .jetstream import JetStreamSink
+        from .jetstream import JetStreamSink, target_of
 
-        return JetStreamSink(nats_target(settings), table=(table or DEFAULT_TABLE).qualified, stop_event=stop), None
+        return JetStreamSink(target_of(settings), table=(table or DEFAULT_TABLE).qualified, stop_event=stop), None
     if settings.sink.startswith("python:"):
         handler = load_callable(settings.sink.removeprefix("python:"))
         if settings.workers > 1:

@@ -394,13 +394,7 @@ def bench_jetstream_latency(cluster: Any, rate: int, seconds: float) -> dict[str
         reading.start()
         time.sleep(1.0)
 
-        threads = [threading.Thread(target=paced, args=(dsn, t, rate / 2, stop, commits)) for t in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join()
+        write_paced(dsn, rate, seconds, stop, commits)
         deadline = time.monotonic() + 20
         while not set(commits) <= set(arrivals) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -543,6 +537,20 @@ def paced(dsn: str, thread: int, per_second: float, stop: threading.Event, commi
             i += 1
 
 
+def write_paced(dsn: str, rate: int, seconds: float, stop: threading.Event, commits: dict[int, float],
+                also: tuple[Any, ...] = ()) -> None:
+    """Two `paced` writers sharing `rate` commits/s for `seconds` (and each of `also`, a function
+    that writes until `stop`), then stop them all."""
+    threads = [threading.Thread(target=paced, args=(dsn, t, rate / 2, stop, commits)) for t in range(2)]
+    threads += [threading.Thread(target=f) for f in also]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+
+
 def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float) -> dict[str, Any]:
     db = "bench_latency"
     dsn = new_database(cluster, db)
@@ -571,15 +579,7 @@ def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float
                 commits[seq] = time.time()
                 i += 1
 
-    threads = [threading.Thread(target=paced, args=(dsn, t, rate / 2, stop, commits)) for t in range(2)]
-    if held:
-        threads.append(threading.Thread(target=holder))
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
+    write_paced(dsn, rate, seconds, stop, commits, also=(holder,) if held else ())
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(LATENCY_INSERT, ("stop", "BenchStop"))
     child.wait(timeout=120)

