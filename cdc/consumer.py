@@ -719,7 +719,11 @@ class Consumer:
                     self._idle_ack(rs, endpos)
                 if endpos is not None:
                     rs.send_status(reply=True)  # the reply's WAL end tells us whether we are done
-            self._checkpoint(force=not got)
+            # Saved early only when idle (the read timed out), not whenever a read brought no
+            # data: a keepalive wakes one after nearly every transaction, and saving then, with
+            # its confirmation prompting the next keepalive, was a checkpoint write a
+            # transaction (and ~1.5 ms of latency for the commits arriving meanwhile).
+            self._checkpoint(force=rs.timed_out)
             if time.monotonic() - rs.last_status_at >= self.status_interval:
                 rs.send_status()
         if decoder.in_transaction and self._pending:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
+from operator import ne
 from typing import Any
 
 import orjson
@@ -455,8 +456,8 @@ def _unescape(field: bytes) -> bytes:
     return _ESCAPED.sub(lambda m: _UNESCAPE[m.group()], field) if b"\\" in field else field
 
 
-def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str, Any]) -> Generator[list[bytes], None, None]:
-    """The rows of `COPY ... TO STDOUT` (text format: without their newline), in batches of
+def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str, Any]) -> Generator[bytes, None, None]:
+    """The rows of `COPY ... TO STDOUT` (text format, each ending in a newline), in blocks of
     what libpq has buffered.
 
     Read from libpq directly: psycopg's Copy iterator costs a generator round and a wait per row
@@ -479,9 +480,7 @@ def _copy_out(conn: psycopg.Connection, copy_sql: sql.Composed, params: dict[str
                     break
                 chunks.append(data)
             if chunks:
-                rows = b"".join(chunks).split(b"\n")  # one copy and one split for the batch
-                rows.pop()
-                yield rows
+                yield b"".join(chunks)
             if n == -1:
                 break
             if n == 0:
@@ -541,7 +540,7 @@ def _copy_text(conn: psycopg.Connection, table: EventTable, query: sql.Composed,
         yield from _copy_events(batches, table, batch, event_class)
 
 
-def _copy_events(batches: Iterator[list[bytes]], table: EventTable, batch: int,
+def _copy_events(batches: Iterator[bytes], table: EventTable, batch: int,
                  event_class: type[Event]) -> Iterator[Transaction]:
     fromiso, new, flat = datetime.fromisoformat, event_class, one_line
     null = b"\\N"
@@ -551,7 +550,9 @@ def _copy_events(batches: Iterator[list[bytes]], table: EventTable, batch: int,
     run: list[Event] = []
     xid_text: bytes | None = None
     part = 0
-    for rows in batches:
+    for block in batches:
+        rows = block.split(b"\n")
+        rows.pop()
         for row in rows:
             f = row.split(b"\t")
             if f[7] != xid_text:
@@ -585,11 +586,10 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
     Each line is byte for byte what `sinks.StreamSink.write` prints for the event (a test holds
     both paths to that). The server sends plain text COPY of the columns, as cheap for it as
     `COPY (SELECT * ...)`; the record is built here: the payloads are PostgreSQL's text spliced
-    in as it is (COPY's escapes undone where there is a backslash), stream ids and types are
-    JSON-quoted by orjson once per distinct value (they repeat), and the tail (created_at as
-    datetime.isoformat, xid) once a transaction, since its rows share both. Measured on 300k
-    rows (2 cores): formatting the head server-side (to_json, ||) held the server to 0.6x of a
-    plain COPY, and the server was the bottleneck. Returns (events, transactions).
+    in as it is (COPY's escapes undone where there is a backslash), a block of rows at a time
+    (see `_Lines`). Measured on 300k rows (2 cores): formatting the head server-side (to_json,
+    ||) held the server to 0.6x of a plain COPY, and the server was the bottleneck. Returns
+    (events, transactions).
     """
     seq_col = sql.Identifier(table.seq)
 
@@ -603,74 +603,155 @@ def _replay_lines(conn: psycopg.Connection, table: EventTable, after: int, upto:
              data=column(table.data), metadata=column(table.metadata),  # text COPY: jsonb's own text
              created_at=column(table.created_at), xid=column(table.xid),
              table=table.ident(), s=seq_col)
-    fromiso, dumps, unescape = datetime.fromisoformat, orjson.dumps, _unescape
-    null, backslash = b"\\N", b"\\"
-    special = _JSON_SPECIAL
-
-    def quote(field: bytes) -> bytes:
-        """A text field as the JSON string orjson writes for it: as it is between quotes unless
-        it holds what JSON escapes (orjson escapes only quotes, backslashes and controls)."""
-        if special(field) is None:
-            return b'"%b"' % field
-        return b"null" if field == null else dumps(unescape(field).decode())
-
-    types: dict[bytes, bytes] = {}  # few distinct: quoted once each
-
-    def payload(field: bytes) -> bytes:
-        if field == null:
-            return b"null"
-        field = unescape(field)  # a json column's raw line breaks come back here: make them spaces
-        return field.replace(b"\r", b" ").replace(b"\n", b" ") if b"\n" in field or b"\r" in field else field
-
-    last_ts = last_xid = None
-    tail = b""
-    events = transactions = 0
+    lines = _Lines()
+    events = 0
     out: list[bytes] = []
+    size = 0
     autocommit = conn.autocommit
     conn.autocommit = False
     try:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET LOCAL DateStyle = ISO")
-            with closing(_copy_out(conn, query, {"after": after, "upto": upto})) as batches:
-                for rows in batches:
-                    for row in rows:
-                        seq, sid, version, etype, data, metadata, ts, xid = row.split(b"\t")
-                        t = types.get(etype)
-                        if t is None:
-                            t = quote(etype)
-                            if len(types) < 10_000:
-                                types[etype] = t
-                        if xid != last_xid or ts != last_ts:
-                            if xid != last_xid:
-                                transactions += 1
-                            last_xid, last_ts = xid, ts
-                            tail = b',"created_at":%b,"xid":%b,"commit_lsn":null,"source":"poll"}\n' % (
-                                b'"%b"' % fromiso(ts.decode()).isoformat().encode() if ts != null else b"null",
-                                b"%d" % _xid32(int(xid)) if xid != null else b"null")
-                        if backslash in data:
-                            data = payload(data)
-                        elif data == null:
-                            data = b"null"
-                        if backslash in metadata:
-                            metadata = payload(metadata)
-                        elif metadata == null:
-                            metadata = b"null"
-                        out.append(b'{"seq":%b,"stream_id":%b,"version":%b,"type":%b,"data":%b,"metadata":%b%b' % (
-                            seq, b'"%b"' % sid if special(sid) is None else quote(sid),
-                            b"null" if version == null else version, t, data, metadata, tail))
-                    if len(out) >= 1000:
+            with closing(_copy_out(conn, query, {"after": after, "upto": upto})) as blocks:
+                for block in blocks:
+                    parts, n, last = lines.block(block)
+                    out += parts
+                    events += n
+                    size += n
+                    if size >= 256:  # whole lines, in writes of some 64 KiB: one join, one write
                         write_lines(b"".join(out))
-                        events += len(out)
-                        bar.update(events, int(out[-1][7:out[-1].index(b",")]))
-                        out = []
+                        out, size = [], 0
+                        bar.update(events, int(last))
                 if out:
                     write_lines(b"".join(out))
-                    events += len(out)
     finally:
         conn.autocommit = autocommit
+    transactions = lines.transactions
     if table.xid is None:
         transactions = -(-events // batch)  # the object path's parts, each final without an xid
     return events, transactions
+
+
+# The constant text before each of a line's eight COPY fields in turn; the fields go between.
+_SLOTS: list[bytes] = [x for sep in (
+    b',"commit_lsn":null,"source":"poll"}\n{"seq":', b',"stream_id":"', b'","version":', b',"type":',
+    b',"data":', b',"metadata":', b',"created_at":', b',"xid":') for x in (sep, b"")]
+_ROW_END = b',"commit_lsn":null,"source":"poll"}\n'
+_NULL = b"\\N"
+_ESCAPED_IN_JSON = bytes(range(32)) + b'"\\'
+
+
+class _Memo(dict[bytes, bytes]):
+    """A field's JSON text by its COPY text, made once per distinct value: a transaction's rows
+    share created_at and xid, and stream types repeat."""
+
+    def __init__(self, make: Callable[[bytes], bytes]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: bytes) -> bytes:
+        value = self[key] = self.make(key)
+        return value
+
+
+def _quote(field: bytes) -> bytes:
+    """A text field as the JSON string orjson writes for it: as it is between quotes unless it
+    holds what JSON escapes (orjson escapes only quotes, backslashes and controls)."""
+    if _JSON_SPECIAL(field) is None:
+        return b'"%b"' % field
+    return b"null" if field == _NULL else orjson.dumps(_unescape(field).decode())
+
+
+def _payload(field: bytes) -> bytes:
+    if b"\\" not in field:
+        return field
+    if field == _NULL:
+        return b"null"
+    field = _unescape(field)  # a json column's raw line breaks come back here: make them spaces
+    return field.replace(b"\r", b" ").replace(b"\n", b" ") if b"\n" in field or b"\r" in field else field
+
+
+def _stamp(ts: bytes) -> bytes:
+    """created_at's COPY text (DateStyle ISO) as the JSON string of `datetime.isoformat()`: for
+    the usual form, `2026-12-04 18:22:24.123456+00`, without making a datetime."""
+    n = len(ts)
+    if 24 <= n <= 29 and ts[10] == 32 and ts[19] == 46 and ts[n - 3] in b"+-":  # a fraction, an offset in hours
+        return b'"%bT%b%b%b:00"' % (ts[:10], ts[11:n - 3], b"00000"[:29 - n], ts[n - 3:])
+    return b"null" if ts == _NULL else b'"%b"' % datetime.fromisoformat(ts.decode()).isoformat().encode()
+
+
+def _xid_text(xid: bytes) -> bytes:
+    return b"null" if xid == _NULL else b"%d" % _xid32(int(xid))
+
+
+class _Lines:
+    """COPY text rows of `_replay_lines`' select list → the JSON lines `StreamSink` prints.
+
+    Python per row is what made the replay slower than the server's COPY, so a block without a
+    backslash (no NULL, no COPY escape: every field is what it reads) is split into its fields
+    once and joined with the constant text between them, with list slices, map and join: C
+    loops, no Python bytecode per row. A block with a backslash, or whose stream ids or types
+    hold what JSON escapes, goes row by row. Either way the bytes are the same (a test holds
+    both, and the Event path, to that).
+    """
+
+    def __init__(self) -> None:
+        self.transactions = 0
+        self.last_xid: bytes | None = None
+        self.stamps, self.xids, self.types = _Memo(_stamp), _Memo(_xid_text), _Memo(_quote)
+
+    def block(self, block: bytes) -> tuple[list[bytes], int, bytes]:
+        """(the lines' parts, to be joined; how many lines; the last seq's text) for a block of
+        whole rows."""
+        if len(self.stamps) > 10_000:
+            self.stamps.clear()
+            self.xids.clear()
+        if len(self.types) > 10_000:
+            self.types.clear()
+        if b"\\" not in block:
+            f = block.replace(b"\n", b"\t").split(b"\t")
+            f.pop()  # after the last newline
+            n = len(f) >> 3
+            sids = b"".join(f[1::8])
+            if n and len(f) == n << 3 and len(sids.translate(None, _ESCAPED_IN_JSON)) == len(sids):
+                last = f[-8]
+                f[3::8] = self._same(f[3::8], self.types, n)
+                xids = f[7::8]
+                if xids.count(xids[0]) == n:  # one transaction's rows
+                    self.transactions += xids[0] != self.last_xid
+                else:
+                    self.transactions += sum(map(ne, xids, [self.last_xid, *xids[:-1]]))
+                self.last_xid = xids[-1]
+                f[6::8] = self._same(f[6::8], self.stamps, n)
+                if max(map(len, xids)) > 9:  # else below 2**32: as the stream names it already
+                    f[7::8] = self._same(xids, self.xids, n)
+                parts = _SLOTS * n
+                parts[1::2] = f
+                parts[0] = b'{"seq":'
+                parts.append(_ROW_END)
+                return parts, n, last
+        rows = block.split(b"\n")
+        rows.pop()
+        return list(map(self._row, rows)), len(rows), rows[-1][:rows[-1].index(b"\t")]
+
+    @staticmethod
+    def _same(fields: list[bytes], memo: _Memo, n: int) -> list[bytes]:
+        """The fields' JSON text: one lookup when they are all one value (a transaction's
+        created_at and xid, a type written in bulk), else one each."""
+        first = fields[0]
+        if fields.count(first) == n:
+            return [memo[first]] * n
+        # Runs (transactions of several rows) are worth a memo; distinct values are not.
+        return list(map(memo.__getitem__ if first == fields[1] else memo.make, fields))
+
+    def _row(self, row: bytes) -> bytes:
+        seq, sid, version, etype, data, metadata, ts, xid = row.split(b"\t")
+        if xid != self.last_xid:
+            self.transactions += 1
+            self.last_xid = xid
+        return (b'{"seq":%b,"stream_id":%b,"version":%b,"type":%b,"data":%b,"metadata":%b,"created_at":%b,"xid":%b'
+                b'%b' % (seq, _quote(sid), b"null" if version == _NULL else version, self.types[etype],
+                         _payload(data), _payload(metadata), self.stamps[ts], self.xids[xid], _ROW_END))
 
 
 def _xid32(xid: int) -> int:

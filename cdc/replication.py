@@ -102,6 +102,10 @@ class ReplicationStream:
         self.last_status_at = 0.0
         self.streaming = False
         self.reply_requested = False  # the server asked for a reply since the caller last looked
+        # The last read() waited its whole timeout with nothing arriving: the feed is idle. A read
+        # that returns nothing because a keepalive woke it is not: the walsender sends one each
+        # time it has sent us more than we confirmed, so under load nearly every transaction.
+        self.timed_out = False
         self._io = threading.RLock()
         self._keepalive: threading.Thread | None = None
 
@@ -266,6 +270,7 @@ class ReplicationStream:
         added = 0
         consumed = False
         last = None
+        self.timed_out = False
         try:
             while added < limit:
                 nbytes, buf = get(1)
@@ -296,6 +301,7 @@ class ReplicationStream:
                         break
                     else:
                         if not select.select([pgconn.socket], [], [], timeout)[0]:
+                            self.timed_out = True
                             break
                         timeout = 0
                         consumed = False

@@ -11,7 +11,10 @@ One embedded cluster (fsync off), one database a scenario so sequences and slots
   ORDER BY seq) > /dev/null;
 - latency commit -> handler at a paced commit rate, stream and poll, with and without a
   transaction holding a sequence number for a while (the consumer runs in its own process), and
-  the stream recording its deliveries (`stream_recording`: what --record-deliveries costs);
+  the stream recording its deliveries (`stream_recording`: what --record-deliveries costs); on
+  the stream split at the read that brought the commit: the server's and the kernel's part
+  (from the commit, or from the read's start if cdc was busy until later, to the bytes received)
+  and cdc's (busy before that read, then decoding and handing over);
 - peak RSS of a consumer process draining 1M events, and one 1M-row transaction;
 - reconcile over 1M recorded deliveries;
 - plugins (`--only plugins`): wal2json v2 and pgoutput on the same WAL, each drained by cdc and
@@ -586,14 +589,18 @@ def bench_latency(cluster: Any, path: str, rate: int, held: bool, seconds: float
     handled = json.loads(Path(out_file).read_text())
     os.unlink(out_file)
     drop_database(cluster, db)
-    lat = []
-    for seq, at, commit_time in handled:
+    lat, server, ours = [], [], []
+    for seq, at, commit_time, began, received in handled:
         if path != "poll":
             lat.append(max(0.0, at - commit_time) * 1000)
+            server.append(max(0.0, received - max(began, commit_time)) * 1000)
+            ours.append((max(0.0, at - received) + max(0.0, began - commit_time)) * 1000)
         elif seq in commits:
             lat.append(max(0.0, at - commits[seq]) * 1000)
     missing = len(commits) - len(lat)
     stats = percentiles(lat)
+    if server:
+        stats["commit_to_received"], stats["received_to_handler"] = percentiles(server), percentiles(ours)
     stats |= {"commits": len(commits), "achieved_rate": round(len(commits) / seconds), "missing": missing}
     say(f"latency {path} {rate}/s{' held seq' if held else ''}: p50 {stats['p50']} p99 {stats['p99']} "
         f"max {stats['max']} ms ({stats['achieved_rate']}/s achieved)")
@@ -613,9 +620,26 @@ def percentiles(values: list[float]) -> dict[str, Any]:
 
 
 def child_latency(dsn: str, name: str, path: str, out_file: str) -> None:
-    handled: list[tuple[int, float, float | None]] = []
+    handled: list[tuple[int, float, float | None, float, float]] = []
     mode = "poll" if path == "poll" else "stream"
     record = path == "stream_recording"  # what --record-deliveries adds to the delivery path
+    # When the read that brought a transaction began and returned: splits the latency into the
+    # server's and the kernel's part (from the commit, or from when we began to read if that was
+    # later, to the bytes in our hands) and cdc's (the rest: busy before that read, then decoding
+    # and handing over).
+    import cdc.replication
+
+    received = [0.0, 0.0]
+    read = cdc.replication.ReplicationStream.read
+
+    def timed_read(self: Any, timeout: float, out: list[memoryview], limit: int = 5000) -> int:
+        began = time.time()
+        n = read(self, timeout, out, limit)
+        if n:
+            received[:] = began, time.time()
+        return n
+
+    cdc.replication.ReplicationStream.read = timed_read  # type: ignore[method-assign]  # bench instrumentation only
     with Consumer(dsn, consumer=name, slot=name, mode=mode, poll_interval=0.1, stale_after=3.0,
                   record_deliveries=record) as feed:
         print("ready", flush=True)
@@ -627,7 +651,7 @@ def child_latency(dsn: str, name: str, path: str, out_file: str) -> None:
                 if e.type == "BenchStop":
                     done = True
                 else:
-                    handled.append((e.seq, now, commit))
+                    handled.append((e.seq, now, commit, *received))
             if done:
                 feed.stop()
     Path(out_file).write_text(json.dumps(handled))
@@ -685,6 +709,17 @@ def write_report(out: Path, results: dict[str, Any], samples: dict[str, list[flo
         ]
         for key, st in results["latency_ms"].items():
             rows.append(f"| {key} | {st['p50']} | {st['p95']} | {st['p99']} | {st['max']} | {st['achieved_rate']} |")
+        split = [(k, st) for k, st in results["latency_ms"].items() if "commit_to_received" in st]
+        if split:
+            rows += [
+                "",
+                "| stream latency, split (ms): p50 / p99 | server and kernel (commit, or cdc's read if later, "
+                "-> received) | cdc (busy before that read, then -> handler) |",
+                "|---|---|---|",
+            ]
+            for key, st in split:
+                a, b = st["commit_to_received"], st["received_to_handler"]
+                rows.append(f"| {key} | {a['p50']} / {a['p99']} | {b['p50']} / {b['p99']} |")
     if "peak_rss_mb" in results:
         rss, recon = results["peak_rss_mb"], results["reconcile_s"]
         rows += [

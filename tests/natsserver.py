@@ -44,7 +44,11 @@ class NatsCluster:
                     self.kill(i)
                 if attempt == 2:
                     raise
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def start(self, i: int, wait: bool = True) -> None:
         routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.cluster_ports) if j != i)

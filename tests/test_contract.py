@@ -373,6 +373,48 @@ class StreamContract:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0, tail(log)
 
+    def test_a_steady_feed_saves_its_checkpoint_at_the_interval_not_at_every_keepalive(self, pdsn, conn):
+        """Under steady load the walsender sends a keepalive each time it has sent more than
+        we confirmed, so after nearly every transaction; a read woken by one is not an idle
+        feed. Saved at each, the checkpoint was written ~100 times a second at 500 commits/s
+        (each save's confirmation prompting the next keepalive), a write on the primary and
+        ~1.5 ms of waiting for the commits that arrived meanwhile."""
+        import threading
+
+        self.prime(pdsn, "steady")
+        conn.execute("CREATE TABLE public.saves (n bigint NOT NULL)")
+        conn.execute("INSERT INTO public.saves VALUES (0)")
+        conn.execute("CREATE FUNCTION public.count_save() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN UPDATE public.saves SET n = n + 1; RETURN NULL; END $$")
+        conn.execute("CREATE TRIGGER count_save AFTER INSERT OR UPDATE ON cdc.checkpoints "
+                     "FOR EACH ROW WHEN (NEW.consumer = 'steady') EXECUTE FUNCTION public.count_save()")
+        feed = self.consumer(pdsn, "steady", checkpoint_interval=1.0)
+        col = Collector(feed)
+        stop = threading.Event()
+
+        def write() -> None:  # ~200 single-event transactions a second, each flushed at commit
+            # (the suite's cluster runs synchronous_commit=off: WAL would reach the walsender in
+            # bursts at the WAL writer's rounds, with idle reads between them)
+            with psycopg.connect(pdsn, autocommit=True, options="-c synchronous_commit=on") as c:
+                i = 0
+                while not stop.is_set():
+                    _append(c, f"steady-{i}", 1)
+                    i += 1
+                    time.sleep(0.005)
+
+        writer = threading.Thread(target=write)
+        time.sleep(0.5)
+        (start,), = sql(pdsn, "SELECT n FROM public.saves")
+        writer.start()
+        time.sleep(4)
+        (end,), = sql(pdsn, "SELECT n FROM public.saves")
+        stop.set()
+        writer.join()
+        col.wait_for(committed_seqs(pdsn))
+        col.stop()
+        assert len(col.seqs) > 300  # the feed was steady: hundreds of transactions in those 4 s
+        assert end - start <= 8, f"{end - start} checkpoint saves in 4 s with a 1 s interval"
+
 
 class TestWal2json(StreamContract):
     plugin = "wal2json"
