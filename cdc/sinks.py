@@ -8,10 +8,10 @@ spliced in as the exact JSON text PostgreSQL holds.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import sys
-import threading
 from collections.abc import Callable
 from typing import IO, Protocol
 
@@ -78,13 +78,16 @@ class StreamSink:
 class JsonlSink(StreamSink):
     """JSON lines appended to a file; `flush` fsyncs, so an acknowledged event is on disk.
 
-    While a replay writes hundreds of MB between flushes, a thread syncs what was written every
-    `SYNC_EVERY` bytes, so the disk works alongside and the last fsync is short (measured on
-    1M events, 300 MB: the one fsync at the end cost a replay up to a quarter of its time).
-    What is durable is decided by `flush` alone, as before.
+    While a replay writes hundreds of MB between flushes, the kernel is asked every `SYNC_EVERY`
+    bytes to start writing the file out (`sync_file_range`, where the platform has it), so the
+    disk works alongside and the fsync at the end is short. That call neither waits nor commits
+    the journal; what is durable is decided by `flush` alone, whose fsync reports any write
+    error. Measured on 1M events (300 MB), best of 5 against a bare COPY: 1.03x, against 0.95x
+    with only the fsync at the end and 0.84x with an fdatasync every 32 MB in a thread (each one
+    a journal commit and a device flush).
     """
 
-    SYNC_EVERY = 32 << 20
+    SYNC_EVERY = 8 << 20
 
     def __init__(self, path: str):
         try:
@@ -94,8 +97,7 @@ class JsonlSink(StreamSink):
             raise ConfigError(f"cannot open {path!r} for the jsonl sink: {err.strerror}") from None
         self.path = path
         self._unsynced = 0
-        self._syncing: threading.Thread | None = None
-        self._sync_error: OSError | None = None
+        self._writebacks = 0
 
     def write(self, tx: Transaction) -> None:
         if tx.events:
@@ -104,26 +106,12 @@ class JsonlSink(StreamSink):
     def write_lines(self, data: bytes) -> None:
         self.out.write(data)
         self._unsynced += len(data)
-        if self._unsynced >= self.SYNC_EVERY and (self._syncing is None or not self._syncing.is_alive()):
+        if self._unsynced >= self.SYNC_EVERY and _WRITEBACK is not None:
             self._unsynced = 0
-            self._syncing = threading.Thread(target=self._sync, args=(self.out.fileno(),), daemon=True,
-                                             name="cdc-jsonl-sync")
-            self._syncing.start()
-
-    def _sync(self, fd: int) -> None:
-        # Kept for flush to raise: Linux reports a failed writeback to a file once, so a later
-        # fsync of the same file may succeed over data that was lost.
-        try:
-            os.fdatasync(fd)
-        except OSError as err:
-            self._sync_error = err
+            self._writebacks += 1
+            _WRITEBACK(self.out.fileno(), 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: start, don't wait
 
     def flush(self) -> None:
-        if self._syncing is not None:
-            self._syncing.join()
-            self._syncing = None
-        if self._sync_error is not None:
-            raise self._sync_error
         self.out.flush()
         os.fsync(self.out.fileno())
         self._unsynced = 0
@@ -131,6 +119,20 @@ class JsonlSink(StreamSink):
     def close(self) -> None:
         self.flush()
         self.out.close()
+
+
+def _writeback_call() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), or None."""
+    try:
+        fn = ctypes.CDLL(None).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_WRITEBACK = _writeback_call()
 
 
 def _drop_torn_line(path: str) -> None:
