@@ -22,6 +22,7 @@ import asyncio
 import gc
 import logging
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
@@ -186,6 +187,7 @@ class Consumer:
         self._stream: ReplicationStream | None = None
         self._position = Position()
         self._watermark: SeqWatermark | None = None
+        self._open_seqs = array("q")  # seqs of a transaction whose final part is not handled yet
         self._poller: Poller | None = None
         self._acked_lsn: Lsn | None = None
         self._pending: list[Transaction] = []  # handed over, not yet acknowledged
@@ -378,6 +380,7 @@ class Consumer:
         self._position = position
         self._acked_lsn = position.lsn
         self._watermark = SeqWatermark(table=self.table, position=position, stale_after=self.stale_after)
+        self._open_seqs = array("q")
 
     def _reload_position(self) -> None:
         saved = self.checkpoints.load() or Position()
@@ -865,7 +868,7 @@ class Consumer:
         self._unsettled = 0
         self._settled_at = time.monotonic()
         if txs:
-            self._watermark.mark_handled([e.seq for tx in txs for e in tx.events])  # type: ignore[union-attr]
+            self._watermark.mark_handled(self._durable_seqs(txs))  # type: ignore[union-attr]
             events = sum(len(tx.events) for tx in txs)
             finals = sum(1 for tx in txs if tx.final)
             self.delivered_events += events
@@ -880,6 +883,24 @@ class Consumer:
             lag = max(0.0, time.time() - self._last_commit_time.timestamp())
             metrics.LAG_SECONDS.set(lag)
             metrics.STATUS.lag_seconds = lag  # what --ready-max-lag-seconds compares
+
+    def _durable_seqs(self, txs: list[Transaction]) -> list[int]:
+        """The seqs of `txs` that a checkpoint may count as handled: a transaction handed over in
+        parts counts only with its final part. Its earlier parts are durable only then (a
+        projection holds them in one open database transaction; after a crash the whole
+        transaction comes again), and a seq mark that covered them would make a hand-off, or a
+        partition that skips what the mark covers, pass over events never applied."""
+        seqs: list[int] = []
+        opened = self._open_seqs
+        for tx in txs:
+            if not tx.final:
+                opened.extend(e.seq for e in tx.events)
+                continue
+            if opened:
+                seqs.extend(opened)
+                opened = self._open_seqs = array("q")
+            seqs.extend(e.seq for e in tx.events)
+        return seqs
 
     def _mark_handled(self, tx: Transaction) -> None:
         if tx.events:

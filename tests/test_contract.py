@@ -97,8 +97,8 @@ class StreamContract:
         with self.consumer(dsn, name, endpos="now") as feed:
             assert list(feed) == []
 
-    def run(self, dsn: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
-        return cdc_run(dsn, *FAST, "--plugin", self.plugin, *args, log=log)
+    def run(self, dsn: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return cdc_run(dsn, *FAST, "--plugin", self.plugin, *args, log=log, env=env)
 
     # -- ordering ---------------------------------------------------------------------------------
 
@@ -239,6 +239,30 @@ class StreamContract:
         assert proc.wait(120) == 0, tail(log)
         check_projection(pdsn)
         assert sql(pdsn, "SELECT count(DISTINCT xid) FROM fault_projection")[0][0] > 10
+
+    @pytest.mark.parametrize("workers", ["1", "3"])
+    def test_a_checkpoint_inside_a_huge_transaction_claims_none_of_its_events(self, pdsn, conn, tmp_path, workers):
+        """Checkpoints are saved while a huge transaction's parts are handled (every 0.1 s here);
+        its events are durable only with its final part, so no checkpoint may count them as
+        handled. One that did, killed then, made the restarted partitions skip those events
+        (they skip what the consumer's seq mark covers): the projection lacked whole parts."""
+        conn.execute("CREATE TABLE fault_projection (seq bigint NOT NULL, xid bigint)")
+        self.prime(pdsn, "midtx")
+        conn.execute("INSERT INTO cdc.events (stream_id, version, type, data) "
+                     "SELECT 'huge-' || (g % 7), g, 'E', '{}' FROM generate_series(1, 3000) g")
+        log = tmp_path / "run.log"
+        args = ["--consumer", "midtx", "--sink", "python:tests.fault_projection:project", "--chunk-events", "100",
+                "--workers", workers]
+        # Slow slices, and a kill -9 in the middle of the transaction's 30 parts.
+        proc = self.run(pdsn, *args, log=log, env={"CDC_FAULT_SLEEP": "0.02",
+                                                     "CDC_FAULT_KILL_AT": "15" if workers == "1" else "45"})
+        assert proc.wait(60) == -signal.SIGKILL, tail(log)
+        assert sql(pdsn, "SELECT count(*) FROM fault_projection")[0][0] == 0  # one transaction: all or nothing
+        saved = sql(pdsn, "SELECT seq FROM cdc.checkpoints WHERE consumer = 'midtx'")
+        assert not saved or saved[0][0] == 0, f"a checkpoint counts events of an unfinished transaction: {saved}"
+        proc = self.run(pdsn, *args, "--endpos", "now", log=log)
+        assert proc.wait(120) == 0, tail(log)
+        check_projection(pdsn)
 
     def test_server_restart_mid_stream_reconnects_and_loses_nothing(self, pdsn, server, tmp_path):
         if server.cluster is None:
