@@ -188,6 +188,12 @@ class Consumer:
         self._position = Position()
         self._watermark: SeqWatermark | None = None
         self._open_seqs = array("q")  # seqs of a transaction whose final part is not handled yet
+        # Set when the sink holds a huge transaction's parts in one database transaction until its
+        # final part (Projection, ParallelProjection: the runner and ParallelProjection set it):
+        # then its earlier parts are durable only with that part. Other sinks make each part
+        # durable at the checkpoint's flush, and a run stopped inside a transaction goes on after
+        # what it delivered.
+        self.whole_transactions = False
         self._poller: Poller | None = None
         self._acked_lsn: Lsn | None = None
         self._pending: list[Transaction] = []  # handed over, not yet acknowledged
@@ -885,11 +891,13 @@ class Consumer:
             metrics.STATUS.lag_seconds = lag  # what --ready-max-lag-seconds compares
 
     def _durable_seqs(self, txs: list[Transaction]) -> list[int]:
-        """The seqs of `txs` that a checkpoint may count as handled: a transaction handed over in
-        parts counts only with its final part. Its earlier parts are durable only then (a
-        projection holds them in one open database transaction; after a crash the whole
-        transaction comes again), and a seq mark that covered them would make a hand-off, or a
-        partition that skips what the mark covers, pass over events never applied."""
+        """The seqs of `txs` that a checkpoint may count as handled. For a sink that holds a
+        transaction's parts in one open database transaction (`whole_transactions`), a
+        transaction handed over in parts counts only with its final part: a seq mark covering
+        its earlier parts would make a hand-off, or a partition that skips what the mark covers,
+        pass over events a crash rolled back."""
+        if not self.whole_transactions:
+            return [e.seq for tx in txs for e in tx.events]
         seqs: list[int] = []
         opened = self._open_seqs
         for tx in txs:

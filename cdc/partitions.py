@@ -240,6 +240,7 @@ class ParallelProjection(ParallelDispatcher):
         queue_events: int = DEFAULT_QUEUE_EVENTS,
     ):
         self.partitions = Partitions(handler, dsn or consumer.dsn, consumer=consumer.consumer, workers=workers)
+        consumer.whole_transactions = True  # the partitions commit a transaction at its last part
         try:
             super().__init__(consumer, [p.write for p in self.partitions.partitions], workers=workers, key=key,
                              queue_size=queue_size, queue_events=queue_events)

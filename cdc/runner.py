@@ -20,7 +20,7 @@ from .connection import connect, conninfo_user, resolve_dsn, server_not_ready
 from .consumer import Consumer
 from .errors import CdcError, SinkError, SlotInUseError
 from .events import Lsn, Transaction, wire_records
-from .partitions import Partition
+from .partitions import Partition, Partitions
 from .progress import counted
 from .sinks import Sink, load_callable, open_sink
 from .store import DEFAULT_TABLE, EventTable
@@ -279,6 +279,8 @@ def run(settings: Settings) -> int:
                 consumer.mark_start(started)
                 if isinstance(sink, Projection):
                     consumer.record_deliveries_in(sink)
+                # These hold a huge transaction's parts in one database transaction until its last.
+                consumer.whole_transactions = isinstance(sink, (Projection, Partitions))
                 break
             except (CdcError, psycopg.OperationalError) as err:
                 if sink is not None:
