@@ -42,7 +42,7 @@ import orjson
 
 from . import metrics
 from .errors import ConfigError, SinkError
-from .events import Lsn, Transaction, wire_records
+from .events import Event, Lsn, Transaction, wire_records
 
 log = logging.getLogger("cdc.jetstream")
 
@@ -313,11 +313,10 @@ class JetStreamSink:
             while self._queue:
                 tx = self._queue.popleft()
                 await self._ready()
-                held = self._held(tx)
-                self.skipped += held
-                if held == len(tx.events):
+                events = self._unseen(tx)
+                if not events:
                     continue
-                messages = self._messages(tx, held)
+                messages = self._messages(tx, events)
                 if self.atomic and len(messages) > 1:
                     await self._settle()
                     for start in range(0, len(messages), BATCH_MAX):
@@ -355,22 +354,27 @@ class JetStreamSink:
             self._failure = err
             raise
 
-    def _messages(self, tx: Transaction, skip: int = 0) -> list[list[Any]]:
-        """The messages of `tx`'s events after its first `skip`: [subject, body, headers, state]."""
+    def _messages(self, tx: Transaction, events: list[Event]) -> list[list[Any]]:
         dumps, subject, table = orjson.dumps, self.target.subject, self.table
         commit = str(tx.commit_lsn) if tx.commit_lsn is not None else ""
         xid = "" if tx.xid is None else str(tx.xid)
         partitions = self.target.partitions if "{partition}" in subject else 0
+        records = wire_records(tx)
+        if len(events) != len(tx.events):
+            records = records[len(tx.events) - len(events):]
         out = []
-        for event, record in zip(tx.events[skip:], wire_records(tx)[skip:]):
+        for event, record in zip(events, records):
             headers = {"Nats-Msg-Id": message_id(table, event.seq), "Cdc-Seq": str(event.seq),
                        "Cdc-Stream-Id": event.stream_id, "Cdc-Type": event.type or "", "Cdc-Source": tx.source}
             if commit:
                 headers["Cdc-Commit-Lsn"] = commit
             if xid:
                 headers["Cdc-Xid"] = xid
-            name = subject.format(stream_id=subject_token(event.stream_id),
-                                  partition=partition_of(event.stream_id, partitions) if partitions else 0)
+            if partitions:
+                name = subject.format(stream_id=subject_token(event.stream_id),
+                                      partition=partition_of(event.stream_id, partitions))
+            else:
+                name = subject.format(stream_id=subject_token(event.stream_id))
             out.append([name, dumps(record), headers, None])
         return out
 
@@ -558,33 +562,41 @@ class JetStreamSink:
                             self.target.display, _one_line(err), wait)
                 await self._pause(wait)
 
-    def _held(self, tx: Transaction) -> int:
-        """How many of `tx`'s first events the stream held at start. Past the duplicate window
-        JetStream would store a republished event again, so what the stream holds is read once at
-        start (its last message) and what comes again before it is skipped: on the stream path by
-        commit LSN (the feed is in commit order), on the poll paths by seq (they go in seq order)."""
+    def _unseen(self, tx: Transaction) -> list[Event]:
+        """The events of `tx` the stream did not hold at start. Past the duplicate window JetStream
+        would store a republished event again, so what the stream holds is read once at start (its
+        last message) and what comes again before it is skipped: on the stream path by commit
+        LSN (the feed is in commit order), on the poll paths by seq (they go in seq order)."""
         resume = self._resume
         if resume is None:
-            return 0
+            return tx.events
         source, lsn, seq = resume
         events = tx.events
         if source == "stream":
             if tx.commit_lsn is None or lsn is None or tx.commit_lsn > lsn:
-                held = 0
-            elif tx.commit_lsn < lsn:
-                return len(events)
-            else:  # the same transaction: what comes after its last stored event is new
-                held = next((i + 1 for i, e in enumerate(events) if e.seq == seq), None) or len(events)
-                if held == len(events) and events[-1].seq != seq:
-                    return held  # an earlier part of it
-        elif tx.commit_lsn is not None:  # the stream after a replay: new
-            held = 0
-        else:
-            held = next((i for i, e in enumerate(events) if e.seq > seq), len(events))
-            if held == len(events):
-                return held
+                self._resume = None
+                return events
+            if tx.commit_lsn < lsn:
+                self.skipped += len(events)
+                return []
+            # The same transaction: what comes after its last stored event is new.
+            for i, e in enumerate(events):
+                if e.seq == seq:
+                    self.skipped += i + 1
+                    self._resume = None
+                    return events[i + 1:]
+            self.skipped += len(events)  # an earlier part of it
+            return []
+        if tx.commit_lsn is not None:  # the stream after a replay: new
+            self._resume = None
+            return events
+        if events[-1].seq <= seq and all(e.seq <= seq for e in events):
+            self.skipped += len(events)
+            return []
         self._resume = None
-        return held
+        fresh = [e for e in events if e.seq > seq]
+        self.skipped += len(events) - len(fresh)
+        return fresh
 
     def _problem(self, problem: str | None) -> None:
         """What /readyz and the sink gauge say."""
@@ -624,7 +636,7 @@ class JetStreamSink:
 
     async def _read_last(self, last_seq: int) -> None:
         """What the stream holds at start: its last message, which the first one published is
-        chained to, and up to which what comes again is skipped (see `_held`)."""
+        chained to, and up to which what comes again is skipped (see `_unseen`)."""
         if not last_seq:
             return
         try:
